@@ -1,0 +1,225 @@
+"""The `mnist-mlp` command line: parse, call the core, print, map errors to exit codes.
+
+Only click is imported at module level, so `--help` and `--version` answer
+without loading TensorFlow. Exit codes: 0 success, 1 a check failed
+(install-check), 2 bad input of any kind, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mnist_mlp import __version__
+
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one config key, e.g. --set train.epochs=5 (repeatable; values are YAML).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="mnist-mlp")
+def cli() -> None:
+    """Train and evaluate the classic Keras MNIST multilayer perceptron, reproducibly.
+
+    \b
+    Start with:
+      mnist-mlp install-check
+      mnist-mlp train --config configs/quick.yaml
+      mnist-mlp evaluate --checkpoint runs/<run>/model.keras
+    """
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    metavar="FILE",
+    help="YAML config (default: built-in defaults, the tutorial's run).",
+)
+@_set_option
+@click.option(
+    "--run-dir",
+    metavar="DIR",
+    help="Where to write the run (default: runs/<config name>-<UTC time>); "
+    "must not exist or be empty.",
+)
+def train(config_path: str | None, overrides: tuple[str, ...], run_dir: str | None) -> None:
+    """Train the network and write a run directory.
+
+    The run directory holds model.keras, config.yaml (the resolved config),
+    history.csv (one row per epoch) and metrics.json (final train and test
+    scores, device, versions, timings).
+    """
+    from mnist_mlp.config import config_name, load_config
+
+    config = load_config(config_path, overrides)
+    from mnist_mlp.train import default_run_dir
+    from mnist_mlp.train import train as run_training
+
+    target = Path(run_dir) if run_dir else default_run_dir(config_name(config_path))
+    progress = 1 if sys.stdout.isatty() else 2
+    result = run_training(config, target, report=click.echo, progress=progress)
+    m = result.metrics
+    train_score, test_score = m["final"]["train"], m["final"]["test"]
+    seconds = m["seconds"]
+    click.echo(
+        f"finished {m['epochs']} epochs in {seconds['total']:.1f} s "
+        f"({seconds['mean_per_epoch']:.2f} s/epoch) on {result.device.description}"
+    )
+    click.echo(f"  train  loss {train_score['loss']:.4f}  accuracy {train_score['accuracy']:.4f}")
+    click.echo(
+        f"  test   loss {test_score['loss']:.4f}  accuracy {test_score['accuracy']:.4f}"
+        f"  ({test_score['correct']:,}/{test_score['total']:,})"
+    )
+    click.echo(f"wrote {result.run_dir}/ (model.keras, config.yaml, history.csv, metrics.json)")
+    click.echo(f"evaluate with: mnist-mlp evaluate --checkpoint {result.run_dir / 'model.keras'}")
+
+
+@cli.command()
+@click.option(
+    "--checkpoint",
+    required=True,
+    metavar="MODEL",
+    help="A saved model, e.g. runs/<run>/model.keras.",
+)
+@click.option("--config", "config_path", metavar="FILE", help="Evaluate on this config's data.")
+@click.option(
+    "--data-path",
+    metavar="PATH",
+    help="Evaluate on a local .npz or IDX folder (only the test files are needed).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+def evaluate(
+    checkpoint: str, config_path: str | None, data_path: str | None, as_json: bool
+) -> None:
+    """Score a saved model on a test set: loss, accuracy, per-class accuracy.
+
+    The data is, in order: --config's, --data-path, the config.yaml of the run
+    the checkpoint belongs to, or else MNIST downloaded through Keras.
+    """
+    if config_path and data_path:
+        raise click.UsageError("--config and --data-path both name the data; give one of them")
+    from mnist_mlp.config import DataConfig, load_config, validate
+    from mnist_mlp.evaluate import evaluate as run_evaluation
+
+    run_config = Path(checkpoint).parent / "config.yaml"
+    if config_path:
+        data = load_config(config_path).data
+    elif data_path:
+        data = validate({"data": {"path": data_path}}, "--data-path").data
+    elif run_config.is_file():
+        data = load_config(run_config).data
+    else:
+        data = DataConfig()
+    report = run_evaluation(checkpoint, data)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    s = report.score
+    click.echo(f"checkpoint  {report.checkpoint}")
+    click.echo(f"data        {report.data}")
+    click.echo(f"loss        {s.loss:.4f}")
+    click.echo(f"accuracy    {s.accuracy:.4f}  ({s.correct:,}/{s.total:,})")
+    click.echo("")
+    click.echo("class  accuracy  correct  total")
+    for c in s.per_class:
+        click.echo(f"{c.label:>5}  {c.accuracy:>8.4f}  {c.correct:>7,}  {c.total:>5,}")
+
+
+@cli.command("install-check")
+@click.option("--gpu", "need_gpu", is_flag=True, help="Fail (exit 1) unless a GPU is usable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+def install_check(need_gpu: bool, as_json: bool) -> None:
+    """Check the installation: versions, CUDA build, and a computation on every device."""
+    from mnist_mlp.install_check import run_install_check
+
+    report = run_install_check()
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_install_report(report)
+    if not report.ok:
+        _fail("a device failed the matrix-product check (see above)", EXIT_CHECK_FAILED)
+    if need_gpu and not report.gpu_ok:
+        reason = report.gpu_advice or "a GPU is listed but failed the matrix-product check"
+        _fail(f"no usable GPU: {reason}", EXIT_CHECK_FAILED)
+
+
+def _print_install_report(report) -> None:
+    versions = report.versions
+    for name in ("mnist_mlp", "python", "tensorflow", "keras", "numpy"):
+        click.echo(f"{name.replace('_', '-'):<14}{versions[name]}")
+    click.echo(f"{'backend':<14}{report.backend}")
+    build = report.build
+    cuda = (
+        f"yes (CUDA {build['cuda_version']}, cuDNN {build['cudnn_version']})"
+        if build["is_cuda_build"]
+        else "no (CPU-only TensorFlow)"
+    )
+    click.echo(f"{'CUDA build':<14}{cuda}")
+    click.echo(f"{'NVIDIA driver':<14}{report.driver or 'not found'}")
+    click.echo("devices:")
+    for d in report.devices:
+        status = (
+            f"ok (matrix product exact, {d.seconds * 1000:.1f} ms)"
+            if d.ok
+            else f"FAILED: {d.error}"
+        )
+        click.echo(f"  {d.name:<18}{d.device_type:<5}{status}")
+    gpu = "usable" if report.gpu_ok else f"none usable: {report.gpu_advice or 'check failed'}"
+    click.echo(f"{'GPU':<14}{gpu}")
+    for line in report.tensorflow_messages:
+        click.echo(f"  tensorflow said: {line}")
+    click.echo("install OK" if report.ok else "install BROKEN")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect configurations."""
+
+
+@config_group.command("show")
+@click.option(
+    "--config", "config_path", metavar="FILE", help="YAML config (default: built-in defaults)."
+)
+@_set_option
+def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config (defaults < file < --set) as YAML."""
+    from mnist_mlp.config import load_config, to_yaml
+
+    click.echo(to_yaml(load_config(config_path, overrides)), nl=False)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: every failure is one stderr line and an exit code."""
+    from mnist_mlp.errors import MnistMlpError
+
+    try:
+        code = cli.main(args=argv, prog_name="mnist-mlp", standalone_mode=False)
+    except MnistMlpError as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    except click.UsageError as err:
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
+        _fail(f"{err.format_message()}{where}", EXIT_BAD_INPUT)
+    except click.ClickException as err:
+        _fail(err.format_message(), err.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail("interrupted", EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)

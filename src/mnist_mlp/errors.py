@@ -1,0 +1,28 @@
+"""The one error family the core raises; the CLI turns each into one stderr line."""
+
+
+class MnistMlpError(Exception):
+    """Base class: a problem the user can fix (bad config, data, checkpoint, device).
+
+    The message is a single line naming what is wrong and how to fix it.
+    """
+
+
+class ConfigError(MnistMlpError):
+    """The configuration file or an override is malformed or out of range."""
+
+
+class DataError(MnistMlpError):
+    """A data set could not be downloaded, read, or failed validation."""
+
+
+class DeviceError(MnistMlpError):
+    """The requested device is not available."""
+
+
+class CheckpointError(MnistMlpError):
+    """A saved model is missing, unreadable, or does not fit this task."""
+
+
+class RunDirError(MnistMlpError):
+    """The run directory cannot be used (exists, not writable)."""

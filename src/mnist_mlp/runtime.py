@@ -1,0 +1,193 @@
+"""Backend and device choice, in one place.
+
+Everything that touches TensorFlow's process-wide state goes through here:
+the environment set before the first import, the quieting of its C++
+start-up log, and which device a run uses. A second backend (JAX) or a
+distribution strategy plugs in here without the data, model or training
+modules changing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from mnist_mlp.errors import DeviceError
+
+BACKEND = "tensorflow"
+
+# C++ start-up lines TensorFlow prints on every import, before absl logging is
+# initialised (so TF_CPP_MIN_LOG_LEVEL cannot silence them). They say nothing a
+# user can act on; anything not matched here is passed through untouched.
+_STARTUP_NOISE = [
+    re.compile(p)
+    for p in (
+        r"^WARNING: All log messages before absl::InitializeLog\(\) is called",
+        r"cudart_stub\.cc.*Could not find cuda drivers",
+        r"cpu_feature_guard\.cc",
+        r"^To enable the following instructions:.*rebuild TensorFlow",
+        r"oneDNN custom operations are on",
+        r"Unable to register cu(DNN|FFT|BLAS) factory",
+        r"computation placer already registered",
+        r"TF-TRT Warning: Could not find TensorRT",
+        # On a machine without a GPU this is expected; install-check reports it.
+        r"cuda_platform\.cc.*failed call to cuInit",
+        r"cuda_executor\.cc.*could not open file to read NUMA node",
+    )
+]
+
+_startup_messages: list[str] = []
+
+
+@dataclass(frozen=True)
+class Device:
+    """The device a run uses, as recorded in metrics.json."""
+
+    kind: str  # "cpu" or "gpu"
+    name: str  # TensorFlow's logical device name, e.g. "/device:GPU:0"
+    description: str  # human-readable, e.g. "GPU 0: NVIDIA H200"
+    gpus_found: int = 0
+    visible: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "description": self.description,
+            "gpus_found": self.gpus_found,
+            "visible": list(self.visible),
+        }
+
+
+def prepare_environment() -> None:
+    """Set what TensorFlow and Keras read at import time; the user's own settings win."""
+    os.environ.setdefault("KERAS_BACKEND", BACKEND)
+    # Drop INFO lines once absl logging is up; warnings and errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+def import_tensorflow():
+    """Import TensorFlow and Keras once, with the start-up noise filtered out.
+
+    Returns:
+        The `tensorflow` module.
+    """
+    if "tensorflow" in sys.modules and "keras" in sys.modules:
+        return sys.modules["tensorflow"]
+    prepare_environment()
+    with _filtered_stderr():
+        import keras  # noqa: F401  (registers the backend while stderr is filtered)
+        import tensorflow as tf
+
+        # Device discovery prints its own CUDA lines; do it inside the filter.
+        tf.config.list_physical_devices()
+    return tf
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide a run's numbers, for metrics.json and install-check."""
+    import platform
+
+    tf = import_tensorflow()
+    import keras
+    import numpy
+
+    from mnist_mlp import __version__
+
+    return {
+        "mnist_mlp": __version__,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def startup_messages() -> list[str]:
+    """The start-up lines that were filtered out (install-check shows them)."""
+    return list(_startup_messages)
+
+
+def resolve_device(requested: str, gpus: list[str]) -> str:
+    """Decide which kind of device a run uses.
+
+    Args:
+        requested: "auto", "cpu" or "gpu", from the config.
+        gpus: names of the GPUs TensorFlow lists.
+
+    Returns:
+        "gpu" or "cpu".
+
+    Raises:
+        DeviceError: "gpu" was requested and none was found.
+    """
+    if requested == "cpu":
+        return "cpu"
+    if gpus:
+        return "gpu"
+    if requested == "gpu":
+        raise DeviceError(
+            "device: gpu was requested but TensorFlow finds no GPU; run "
+            "`mnist-mlp install-check --gpu` to see why, or use --set device=cpu"
+        )
+    return "cpu"
+
+
+def select_device(requested: str) -> Device:
+    """Make the requested device the one TensorFlow uses, before any tensor exists."""
+    tf = import_tensorflow()
+    gpus = tf.config.list_physical_devices("GPU")
+    kind = resolve_device(requested, [g.name for g in gpus])
+    if kind == "cpu" and gpus:
+        # Hide the GPUs so no op lands on them; must happen before TF initialises.
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError as err:
+            raise DeviceError(
+                f"cannot hide the GPUs for device: cpu ({err}); "
+                "set CUDA_VISIBLE_DEVICES=-1 before starting"
+            ) from None
+    if kind == "gpu":
+        details = tf.config.experimental.get_device_details(gpus[0])
+        description = f"GPU 0: {details.get('device_name', gpus[0].name)}"
+        name = "/device:GPU:0"
+    else:
+        description = "CPU"
+        name = "/device:CPU:0"
+    visible = tuple(d.name for d in tf.config.list_logical_devices())
+    return Device(kind, name, description, gpus_found=len(gpus), visible=visible)
+
+
+@contextlib.contextmanager
+def _filtered_stderr():
+    """Capture file descriptor 2 (where C++ logs go) and replay all but known noise."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr (embedded interpreter); nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            keep = []
+            for line in text.splitlines():
+                if any(p.search(line) for p in _STARTUP_NOISE):
+                    _startup_messages.append(line)
+                else:
+                    keep.append(line)
+            if keep:
+                sys.stderr.write("\n".join(keep) + "\n")
+                sys.stderr.flush()
