@@ -201,21 +201,26 @@ def apply_overrides(data: Mapping, overrides: Iterable[str]) -> dict:
 # --------------------------------------------------------------------- validation
 
 
-def validate(data: Mapping, source: str = "config") -> Config:
-    """Validate a plain mapping into a frozen Config, or raise a one-line ConfigError."""
+def validate(data: Mapping, source: str | None = None) -> Config:
+    """Validate a plain mapping into a frozen Config, or raise a one-line ConfigError.
+
+    Args:
+        data: nested sections as read from YAML.
+        source: the file the mapping came from, to prefix the error with.
+    """
     try:
         return Config.model_validate(data)
     except ValidationError as err:
         problems = [_describe(e) for e in err.errors()]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"{source}: {problems[0]}{more}") from None
+        prefix = f"{source}: " if source else ""
+        raise ConfigError(f"{prefix}{problems[0]}{more}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Config:
     """Resolve defaults < file < overrides into a validated Config."""
     data = read_config_file(path) if path is not None else {}
-    source = str(path) if path is not None else "config"
-    return validate(apply_overrides(data, overrides), source)
+    return validate(apply_overrides(data, overrides), str(path) if path is not None else None)
 
 
 def to_yaml(config: Config) -> str:

@@ -147,12 +147,13 @@ def _load_keras(name: str) -> dict[str, np.ndarray]:
 def _load_npz(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
     keys = [k for split in sorted(wanted) for k in SPLITS[split]]
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise DataError(
-                    f"{path}: a single .npy array, not an .npz archive; expected arrays "
-                    "x_train, y_train, x_test, y_test (numpy.savez)"
-                )
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(
+                f"{path}: a single .npy array, not an .npz archive; expected arrays "
+                "x_train, y_train, x_test, y_test (numpy.savez)"
+            )
+        with archive:
             missing = [k for k in keys if k not in archive.files]
             if missing:
                 raise DataError(
