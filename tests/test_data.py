@@ -222,3 +222,21 @@ def test_read_idx_direct_on_plain_file(tmp_path):
     (tmp_path / "short").write_bytes(b"\x00\x00")
     with pytest.raises(DataError, match="too short"):
         read_idx(tmp_path / "short", IDX_LABELS_MAGIC)
+
+
+@needs_t10k
+def test_make_split_script_writes_the_8000_2000_split(tmp_path, split_arrays):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "split.npz"
+    result = subprocess.run(
+        [sys.executable, ROOT / "scripts" / "make_split.py", T10K, out],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    with np.load(out) as written:
+        for key, expected in split_arrays.items():
+            np.testing.assert_array_equal(written[key], expected)

@@ -184,6 +184,14 @@ def test_evaluate_refuses_a_model_with_another_input_shape(run_cli, tmp_path):
     assert_one_line_error(result, "inputs of shape (28, 28, 1)", "(784,)")
 
 
+def test_evaluate_without_a_run_config_downloads_mnist_or_says_why(trained_run, run_cli, tmp_path):
+    run_dir, _, _ = trained_run
+    lone = tmp_path / "model.keras"  # no config.yaml beside it: MNIST through Keras
+    lone.write_bytes((run_dir / "model.keras").read_bytes())
+    result = run_cli("evaluate", "--checkpoint", lone)
+    assert_one_line_error(result, "could not download mnist", "data.path")
+
+
 def test_default_run_dir_and_validation_split(run_cli, split_npz, tmp_path):
     result = run_cli(
         "train",
