@@ -234,7 +234,8 @@ def test_make_split_script_writes_the_8000_2000_split(tmp_path, split_arrays):
     out = tmp_path / "split.npz"
     result = subprocess.run(
         [sys.executable, ROOT / "scripts" / "make_split.py", T10K, out],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     with np.load(out) as written:
