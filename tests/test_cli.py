@@ -68,6 +68,8 @@ def test_config_show_prints_the_resolved_config(run_cli):
         (["train", "--bogus"], ["No such option", "--bogus"]),
         (["train", "--config", str(CONFIGS)], ["is a directory"]),
         (["evaluate"], ["Missing option '--checkpoint'"]),
+        (["install-check", "--cuda"], ["No such option", "--cuda"]),
+        (["config", "show", "--set", "data.path="], ["empty value"]),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(run_cli, args, fragments):

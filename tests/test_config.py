@@ -40,7 +40,7 @@ def test_every_shipped_config_validates_and_round_trips(path):
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_key_in_shipped_configs_is_commented(path):
     for number, line in enumerate(path.read_text().splitlines(), 1):
-        if re.match(r"^\s*[a-z_]+:\s*\S", line):  # a key with a value
+        if re.match(r"^\s*[a-z_]+:", line):  # a key, with a value or opening a section
             assert "#" in line, f"{path.name}:{number} has no comment: {line!r}"
 
 
@@ -165,6 +165,8 @@ def test_unknown_keys_in_files_are_rejected_with_a_suggestion(tmp_path, text, fr
         ("train.epoch=5", ["unknown key 'train.epoch'", "did you mean 'train.epochs'"]),
         ("model.units.x=3", ["'model.units' is a value, not a section"]),
         ("train.epochs=[1", ["malformed YAML"]),
+        ("data.path=", ["empty value", "data.path=null"]),
+        ("data.path=  ", ["empty value"]),
     ],
 )
 def test_bad_set_syntax_and_unknown_set_keys(override, fragments):
@@ -184,6 +186,9 @@ def test_bad_set_syntax_and_unknown_set_keys(override, fragments):
         ("train: [1,\n", ["malformed YAML", "line"]),
         ("train:\n  epochs: 5\n  epochs: 6\n", ["duplicate key 'epochs'"]),
         ("train:\n\tepochs: 5\n", ["malformed YAML"]),
+        ("? [1, 2]\n: 3\n", ["a list used as a key"]),
+        ("train:\n  {a: 1}: 2\n", ["a mapping used as a key"]),
+        ("7: 1\n", ["Keys should be strings"]),
     ],
 )
 def test_bad_config_files(tmp_path, content, fragments):

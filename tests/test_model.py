@@ -63,8 +63,8 @@ def test_outputs_are_probabilities_and_dropout_only_acts_in_training(keras):
     # Inference is deterministic: no units dropped.
     np.testing.assert_array_equal(probabilities, model.predict(x, verbose=0))
 
-    hidden = keras.Model(model.input, model.get_layer("dropout").output)
-    dense = keras.Model(model.input, model.get_layer("hidden").output)
+    hidden = keras.Model(model.inputs[0], model.get_layer("dropout").output)
+    dense = keras.Model(model.inputs[0], model.get_layer("hidden").output)
     before = keras.ops.convert_to_numpy(dense(x))
     after = keras.ops.convert_to_numpy(hidden(x, training=True))
     dropped = np.mean((after == 0) & (before != 0))

@@ -7,7 +7,7 @@ without loading TensorFlow. Exit codes: 0 success, 1 a check failed
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,42 +100,55 @@ def train(config_path: str | None, overrides: tuple[str, ...], run_dir: str | No
     metavar="PATH",
     help="Evaluate on a local .npz or IDX folder (only the test files are needed).",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    help="Device to score on (default: the config's, else auto).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def evaluate(
-    checkpoint: str, config_path: str | None, data_path: str | None, as_json: bool
+    checkpoint: str,
+    config_path: str | None,
+    data_path: str | None,
+    device: str | None,
+    as_json: bool,
 ) -> None:
     """Score a saved model on a test set: loss, accuracy, per-class accuracy.
 
     The data is, in order: --config's, --data-path, the config.yaml of the run
     the checkpoint belongs to, or else MNIST downloaded through Keras.
     """
-    if config_path and data_path:
+    if config_path is not None and data_path is not None:
         raise click.UsageError("--config and --data-path both name the data; give one of them")
-    from mnist_mlp.config import DataConfig, load_config, validate
+    from mnist_mlp.config import Config, load_config, validate
     from mnist_mlp.evaluate import evaluate as run_evaluation
+    from mnist_mlp.files import to_json
 
     run_config = Path(checkpoint).parent / "config.yaml"
-    if config_path:
-        data = load_config(config_path).data
-    elif data_path:
-        data = validate({"data": {"path": data_path}}, "--data-path").data
+    if config_path is not None:
+        config = load_config(config_path)
+    elif data_path is not None:
+        config = validate({"data": {"path": data_path}}, "--data-path")
     elif run_config.is_file():
-        data = load_config(run_config).data
+        config = load_config(run_config)
     else:
-        data = DataConfig()
-    report = run_evaluation(checkpoint, data)
+        config = Config()
+    report = run_evaluation(checkpoint, config.data, device=device or config.device)
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(to_json(report.as_dict()))
         return
     s = report.score
     click.echo(f"checkpoint  {report.checkpoint}")
     click.echo(f"data        {report.data}")
+    if config_path is None and data_path is None and run_config.is_file():
+        click.echo(f"            (the data of {run_config})")
     click.echo(f"loss        {s.loss:.4f}")
     click.echo(f"accuracy    {s.accuracy:.4f}  ({s.correct:,}/{s.total:,})")
     click.echo("")
     click.echo("class  accuracy  correct  total")
     for c in s.per_class:
-        click.echo(f"{c.label:>5}  {c.accuracy:>8.4f}  {c.correct:>7,}  {c.total:>5,}")
+        accuracy = f"{c.accuracy:>8.4f}" if c.accuracy is not None else f"{'-':>8}"
+        click.echo(f"{c.label:>5}  {accuracy}  {c.correct:>7,}  {c.total:>5,}")
 
 
 @cli.command("install-check")
@@ -143,11 +156,16 @@ def evaluate(
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def install_check(need_gpu: bool, as_json: bool) -> None:
     """Check the installation: versions, CUDA build, and a computation on every device."""
+    from mnist_mlp.errors import InstallError
+    from mnist_mlp.files import to_json
     from mnist_mlp.install_check import run_install_check
 
-    report = run_install_check()
+    try:
+        report = run_install_check()
+    except InstallError as err:
+        _fail(str(err), EXIT_CHECK_FAILED)
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(to_json(report.as_dict()))
     else:
         _print_install_report(report)
     if not report.ok:
@@ -222,4 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(err.format_message(), err.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
         _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`mnist-mlp evaluate --json | head`); stop quietly.
+        # Point stdout at devnull so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_CHECK_FAILED)
     sys.exit(code if isinstance(code, int) else 0)

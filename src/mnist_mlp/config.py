@@ -109,6 +109,11 @@ _Loader.add_implicit_resolver(
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a {kind} used as a key; keys are names", key_node.start_mark
+            )
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -172,6 +177,9 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise ConfigError(
             f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=5"
         )
+    if not raw.strip():
+        # An unset shell variable (`--set data.path=$DATA`) must not mean "null".
+        raise ConfigError(f"--set {text!r}: empty value; give one, or write {key}=null to unset it")
     parts = tuple(key.split("."))
     if any(not p for p in parts):
         raise ConfigError(f"--set {text!r}: empty part in key {key!r}; write e.g. train.epochs")

@@ -36,8 +36,8 @@ IDX_FILES = {
 SPLITS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 
 OFFLINE_HINT = (
-    "to work offline, point data.path at a local copy: a Keras-layout .npz or a folder "
-    "of the four IDX files, e.g. --set data.path=/usr/share/datasets/fashion-mnist"
+    "to work offline, point data.path at a local copy of the same data set: a Keras-layout "
+    ".npz or a folder of the four IDX files, e.g. --set data.path=/data/mnist (see README)"
 )
 
 

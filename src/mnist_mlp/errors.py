@@ -24,5 +24,13 @@ class CheckpointError(MnistMlpError):
     """A saved model is missing, unreadable, or does not fit this task."""
 
 
+class InstallError(MnistMlpError):
+    """TensorFlow or Keras cannot be imported or used."""
+
+
+class TrainingError(MnistMlpError):
+    """TensorFlow failed while training or scoring (e.g. out of memory)."""
+
+
 class RunDirError(MnistMlpError):
     """The run directory cannot be used (exists, not writable)."""

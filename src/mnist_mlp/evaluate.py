@@ -16,7 +16,7 @@ import numpy as np
 from mnist_mlp import runtime
 from mnist_mlp.config import DataConfig
 from mnist_mlp.data import INPUT_DIM, NUM_CLASSES, load_dataset, preprocess
-from mnist_mlp.errors import CheckpointError
+from mnist_mlp.errors import CheckpointError, TrainingError
 
 # Fixed, not the run's batch size: prediction results must not depend on
 # which command computed them.
@@ -30,8 +30,9 @@ class ClassScore:
     total: int
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else float("nan")
+    def accuracy(self) -> float | None:
+        """None when the split has no images of this class."""
+        return self.correct / self.total if self.total else None
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,14 @@ def load_checkpoint(path: str | Path):
 def evaluate(checkpoint: str | Path, data: DataConfig, device: str = "auto") -> EvalReport:
     """Score a saved model on the test split of `data`, on `device` (auto, cpu, gpu)."""
     runtime.select_device(device)
+    tf = runtime.import_tensorflow()
     model = load_checkpoint(checkpoint)
     dataset = load_dataset(data, splits=("test",))
     x, y = preprocess(dataset.x_test, dataset.y_test)
-    return EvalReport(checkpoint=str(checkpoint), data=dataset.describe(), score=score(model, x, y))
+    try:
+        result = score(model, x, y)
+    except tf.errors.OpError as err:
+        raise TrainingError(
+            f"TensorFlow failed: {type(err).__name__}: {err.message.splitlines()[0][:200]}"
+        ) from None
+    return EvalReport(checkpoint=str(checkpoint), data=dataset.describe(), score=result)

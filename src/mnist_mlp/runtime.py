@@ -13,11 +13,11 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnist_mlp.errors import DeviceError
+from mnist_mlp.errors import DeviceError, InstallError
 
 BACKEND = "tensorflow"
 
@@ -65,8 +65,10 @@ class Device:
 
 
 def prepare_environment() -> None:
-    """Set what TensorFlow and Keras read at import time; the user's own settings win."""
-    os.environ.setdefault("KERAS_BACKEND", BACKEND)
+    """Set what TensorFlow and Keras read at import time."""
+    # Forced, not defaulted: a KERAS_BACKEND=jax left in the shell would otherwise
+    # run another backend while metrics.json records this one.
+    os.environ["KERAS_BACKEND"] = BACKEND
     # Drop INFO lines once absl logging is up; warnings and errors still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -80,12 +82,18 @@ def import_tensorflow():
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return sys.modules["tensorflow"]
     prepare_environment()
-    with _filtered_stderr():
-        import keras  # noqa: F401  (registers the backend while stderr is filtered)
-        import tensorflow as tf
+    try:
+        with _filtered_stderr():
+            import keras  # noqa: F401  (registers the backend while stderr is filtered)
+            import tensorflow as tf
 
-        # Device discovery prints its own CUDA lines; do it inside the filter.
-        tf.config.list_physical_devices()
+            # Device discovery prints its own CUDA lines; do it inside the filter.
+            tf.config.list_physical_devices()
+    except ImportError as err:
+        raise InstallError(
+            f"cannot import TensorFlow/Keras ({err}); reinstall with "
+            '`pip install --force-reinstall "mnist-mlp"` in this environment'
+        ) from None
     return tf
 
 
@@ -165,29 +173,36 @@ def select_device(requested: str) -> Device:
 
 @contextlib.contextmanager
 def _filtered_stderr():
-    """Capture file descriptor 2 (where C++ logs go) and replay all but known noise."""
+    """Route file descriptor 2 (where C++ logs go) through a filter, live.
+
+    A thread forwards every line that is not known start-up noise as soon as it
+    arrives, so nothing real is held back even if the import crashes the process.
+    """
     sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no real stderr (embedded interpreter); nothing to filter
         yield
         return
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", errors="replace")
-            keep = []
-            for line in text.splitlines():
-                if any(p.search(line) for p in _STARTUP_NOISE):
-                    _startup_messages.append(line)
-                else:
-                    keep.append(line)
-            if keep:
-                sys.stderr.write("\n".join(keep) + "\n")
-                sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_pump, args=(read_end, saved), daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump sees EOF
+        pump.join(timeout=5)
+        os.close(saved)
+
+
+def _pump(read_end: int, target: int) -> None:
+    with os.fdopen(read_end, "rb") as stream:
+        for raw in stream:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if any(p.search(line) for p in _STARTUP_NOISE):
+                _startup_messages.append(line)
+            else:
+                os.write(target, raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from mnist_mlp import files, runtime
 from mnist_mlp.config import Config, to_yaml
-from mnist_mlp.errors import RunDirError
+from mnist_mlp.errors import ConfigError, RunDirError, TrainingError
 
 RUNS_ROOT = Path("runs")
 
@@ -44,7 +45,11 @@ def check_run_dir(path: Path) -> None:
     if path.exists():
         if not path.is_dir():
             raise RunDirError(f"run directory {path} is an existing file; choose another --run-dir")
-        if any(path.iterdir()):
+        try:
+            occupied = any(path.iterdir())
+        except OSError as err:
+            raise RunDirError(f"cannot read run directory {path}: {err.strerror}") from None
+        if occupied:
             raise RunDirError(
                 f"run directory {path} already exists and is not empty; runs are never "
                 "overwritten: choose another --run-dir or leave it out for a new timestamped one"
@@ -57,6 +62,29 @@ def check_run_dir(path: Path) -> None:
             f"cannot create run directory {path}: {parent} is not writable; "
             "choose a --run-dir in a folder you can write to"
         )
+
+
+def claim_run_dir(path: Path) -> None:
+    """Create `path` and claim it with an exclusively created config.yaml.
+
+    check_run_dir runs before the data is loaded; another run may have taken
+    the folder since. Creating the first file with O_EXCL makes the claim atomic.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise RunDirError(
+            f"run directory {path} was taken by another run; choose another --run-dir"
+        ) from None
+    except OSError as err:
+        raise RunDirError(f"cannot create run directory {path}: {err.strerror}") from None
+
+
+def train_size(samples: int, validation_split: float) -> int:
+    """How many samples Keras fits on: it holds out the last `validation_split` of them."""
+    # The same formula as keras.src.trainers.data_adapters.train_validation_split.
+    return int(math.floor(samples * (1.0 - validation_split))) if validation_split else samples
 
 
 def train(
@@ -81,6 +109,7 @@ def train(
     """
     # Device first: `device: gpu` without one fails before any other work.
     device = runtime.select_device(config.device)
+    tf = runtime.import_tensorflow()
     report(f"device: {device.description} (requested: {config.device})")
     check_run_dir(run_dir)
 
@@ -95,22 +124,26 @@ def train(
     report(f"data: {dataset.describe()}")
     x_train, y_train = preprocess(dataset.x_train, dataset.y_train)
     x_test, y_test = preprocess(dataset.x_test, dataset.y_test)
+    split = config.train.validation_split
+    fitted = train_size(len(x_train), split)
+    if split and not 0 < fitted < len(x_train):
+        raise ConfigError(
+            f"train.validation_split: {split} of {len(x_train):,} training images leaves "
+            f"{fitted:,} to train on and {len(x_train) - fitted:,} to validate; choose a "
+            "fraction that leaves both parts non-empty"
+        )
 
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.model)
     compile_model(model, config.train)
     report(f"model: {model.count_params():,} parameters")
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunDirError(f"cannot create run directory {run_dir}: {err.strerror}") from None
+    claim_run_dir(run_dir)
     files.write_text(run_dir / "config.yaml", to_yaml(config))
     report(f"run directory: {run_dir}")
 
     started_at = dt.datetime.now(dt.timezone.utc)
     epoch_log = EpochLog(run_dir / "history.csv")
-    split = config.train.validation_split
     validation = {"validation_split": split} if split else {"validation_data": (x_test, y_test)}
     start = time.perf_counter()
     try:
@@ -123,16 +156,18 @@ def train(
             verbose=progress,
             **validation,
         )
+        total_seconds = time.perf_counter() - start
+        files.save_model(model, run_dir / "model.keras")
+        # The part of the training set the model was fitted on, in inference mode.
+        train_score = score(model, x_train[:fitted], y_train[:fitted])
+        test_score = score(model, x_test, y_test)
     except OSError as err:  # history.csv could not be appended (disk full, removed)
         raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
-    total_seconds = time.perf_counter() - start
-
-    files.save_model(model, run_dir / "model.keras")
-    # Score the part of the training set the model was fitted on (Keras's
-    # validation_split holds out the last samples), in inference mode.
-    fitted = len(x_train) - int(len(x_train) * split) if split else len(x_train)
-    train_score = score(model, x_train[:fitted], y_train[:fitted])
-    test_score = score(model, x_test, y_test)
+    except tf.errors.OpError as err:
+        raise TrainingError(
+            f"TensorFlow failed: {type(err).__name__}: {err.message.splitlines()[0][:200]}; "
+            "if it ran out of memory, lower train.batch_size or model.units"
+        ) from None
     per_epoch = [row["seconds"] for row in epoch_log.rows]
     metrics = {
         "run_dir": str(run_dir),
