@@ -79,3 +79,47 @@ def test_select_gpu_device_on_a_cpu_machine_fails():
         pytest.skip("this machine has a GPU")
     with pytest.raises(DeviceError, match="no GPU"):
         runtime.select_device("gpu")
+
+
+class _FakeTensor:
+    def __init__(self, value, device):
+        self.value, self.device = value, device
+
+    def numpy(self):
+        return self.value
+
+
+class _FakeTF:
+    """Just enough of tf for check_device: a matmul that can be wrong or misplaced."""
+
+    class errors:  # noqa: N801 - mirrors tf.errors
+        OpError = RuntimeError
+
+    def __init__(self, corrupt=False, placed="/job:localhost/replica:0/task:0/device:GPU:0"):
+        self.corrupt, self.placed = corrupt, placed
+        self.linalg = self
+
+    def device(self, name):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def constant(self, value):
+        return value
+
+    def matmul(self, a, b):
+        product = a @ b
+        if self.corrupt:
+            product = product.copy()
+            product[0, 0] += 1
+        return _FakeTensor(product, self.placed)
+
+
+def test_device_check_catches_wrong_results_and_silent_misplacement():
+    from mnist_mlp.install_check import check_device
+
+    assert check_device(_FakeTF(), "/device:GPU:0", "GPU").ok
+    wrong = check_device(_FakeTF(corrupt=True), "/device:GPU:0", "GPU")
+    assert not wrong.ok and "1 of 8192 entries" in wrong.error
+    elsewhere = check_device(_FakeTF(placed="/job:localhost/device:CPU:0"), "/device:GPU:0", "GPU")
+    assert not elsewhere.ok and "not on /device:GPU:0" in elsewhere.error

@@ -126,27 +126,16 @@ def check_device(tf, name: str, device_type: str) -> DeviceCheck:
         message = " ".join(str(err).split())[:200]
         return DeviceCheck(name, device_type, ok=False, error=message)
     seconds = time.perf_counter() - start
+    error = ""
     if not product.device.endswith(name.lstrip("/")):
         # Soft placement can quietly run the op elsewhere; that is not this device working.
-        return DeviceCheck(
-            name,
-            device_type,
-            ok=False,
-            ran_on=product.device,
-            seconds=seconds,
-            error=f"the product ran on {product.device}, not on {name}",
-        )
-    if not np.array_equal(result, expected):
+        error = f"the product ran on {product.device}, not on {name}"
+    elif not np.array_equal(result, expected):
         wrong = int((result != expected).sum())
-        return DeviceCheck(
-            name,
-            device_type,
-            ok=False,
-            ran_on=product.device,
-            seconds=seconds,
-            error=f"{wrong} of {expected.size} entries of the product are wrong",
-        )
-    return DeviceCheck(name, device_type, ok=True, ran_on=product.device, seconds=seconds)
+        error = f"{wrong} of {expected.size} entries of the product are wrong"
+    return DeviceCheck(
+        name, device_type, ok=not error, ran_on=product.device, seconds=seconds, error=error
+    )
 
 
 def run_install_check() -> InstallReport:
