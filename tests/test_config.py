@@ -279,3 +279,12 @@ def test_any_config_validates_or_is_rejected_naming_a_key(data):
         assert config.train.epochs >= 1 and config.train.batch_size >= 1
         assert 0.0 <= config.model.dropout_rate < 1.0
         assert validate(yaml.safe_load(to_yaml(config))) == config
+
+
+def test_errors_are_blamed_on_the_file_or_the_set_that_caused_them(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train.epochs: got 0"):
+        load_config(path, ["model.units=32"])
+    with pytest.raises(ConfigError, match=r"^--set: model.units: got 0"):
+        load_config(path, ["model.units=0", "train.epochs=3"])

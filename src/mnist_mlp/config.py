@@ -209,26 +209,37 @@ def apply_overrides(data: Mapping, overrides: Iterable[str]) -> dict:
 # --------------------------------------------------------------------- validation
 
 
-def validate(data: Mapping, source: str | None = None) -> Config:
+def validate(
+    data: Mapping, source: str | None = None, overridden: Iterable[tuple[str, ...]] = ()
+) -> Config:
     """Validate a plain mapping into a frozen Config, or raise a one-line ConfigError.
 
     Args:
         data: nested sections as read from YAML.
         source: the file the mapping came from, to prefix the error with.
+        overridden: key paths set by --set; an error there is blamed on --set.
     """
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        problems = [_describe(e) for e in err.errors()]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        prefix = f"{source}: " if source else ""
-        raise ConfigError(f"{prefix}{problems[0]}{more}") from None
+        errors = err.errors()
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        loc = tuple(str(p) for p in first["loc"])
+        origin = "--set" if loc in set(overridden) else source
+        prefix = f"{origin}: " if origin else ""
+        raise ConfigError(f"{prefix}{_describe(first)}{more}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Config:
     """Resolve defaults < file < overrides into a validated Config."""
+    overrides = list(overrides)
     data = read_config_file(path) if path is not None else {}
-    return validate(apply_overrides(data, overrides), str(path) if path is not None else None)
+    return validate(
+        apply_overrides(data, overrides),
+        str(path) if path is not None else None,
+        overridden=[parse_override(text)[0] for text in overrides],
+    )
 
 
 def to_yaml(config: Config) -> str:
