@@ -34,7 +34,7 @@ print("IMPORTED=" + ",".join(heavy), file=sys.stderr)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stderr.splitlines()[-1] == "IMPORTED=", result.stderr
     assert "Commands:" in result.stdout and "install-check" in result.stdout
-    assert "error: train.epochs: got 0" in result.stderr  # the config error was answered
+    assert "error: --set: train.epochs: got 0" in result.stderr  # the config error was answered
 
 
 def test_version(run_cli):

@@ -22,7 +22,7 @@ from mnist_mlp.config import (
     validate,
 )
 from mnist_mlp.errors import ConfigError
-from mnist_mlp.train import default_run_dir
+from mnist_mlp.runs import default_run_dir
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
@@ -229,7 +229,15 @@ def test_config_name_and_default_run_dir(tmp_path):
 _SECTION_KEYS = {
     "data": ["name", "path", "nmae"],
     "model": ["units", "dropout_rate", "unit"],
-    "train": ["epochs", "batch_size", "learning_rate", "validation_split", "epoch"],
+    "train": [
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "validation_split",
+        "deterministic",
+        "epoch",
+    ],
+    "checkpoint": ["monitor", "every"],
 }
 _values = st.one_of(
     st.none(),

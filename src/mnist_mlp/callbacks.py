@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
+
+from mnist_mlp import checkpoint, files, signals
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 
@@ -22,15 +26,17 @@ class EpochLog(keras.callbacks.Callback):
     so Keras's History and later callbacks see it.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rows: list[dict] | None = None):
+        """Args: path: history.csv; rows: the rows of earlier epochs, when resuming."""
         super().__init__()
         self.path = path
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(rows or [])
         self._started = 0.0
 
     def on_train_begin(self, logs=None):
-        with open(self.path, "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerow(HISTORY_COLUMNS)
+        # Rewritten from `rows`: a resumed run drops any row written after its
+        # last saved state (the process may have died between the two).
+        files.write_text(self.path, _csv_text(self.rows))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
@@ -43,3 +49,128 @@ class EpochLog(keras.callbacks.Callback):
         self.rows.append(row)
         with open(self.path, "a", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow([row[k] for k in HISTORY_COLUMNS])
+
+
+def read_history(path: Path) -> list[dict]:
+    """The rows of a history.csv written by EpochLog, as floats (epoch as int)."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                rows.append(
+                    {k: (int(row[k]) if k == "epoch" else float(row[k])) for k in HISTORY_COLUMNS}
+                )
+            except (TypeError, ValueError, KeyError):
+                # A row cut short by a crash mid-write; it is past the saved state.
+                break
+    return rows
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    writer.writerows([row[k] for k in HISTORY_COLUMNS] for row in rows)
+    return buffer.getvalue()
+
+
+def monitor_mode(monitor: str) -> str:
+    """Keras's "auto" rule: accuracies are maximised, losses minimised."""
+    return "max" if "acc" in monitor else "min"
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Notes the first batch whose loss is not finite, so nothing is saved after it.
+
+    Keras's TerminateOnNaN (also in the callback list) stops training, but
+    `on_epoch_end` still runs for the broken epoch; the saving callbacks ask
+    `tripped` first so the last good state and best.keras survive.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.where: tuple[int, int] | None = None
+        self._epoch = 0
+
+    @property
+    def tripped(self) -> bool:
+        return self.where is not None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if self.where is None and loss is not None and not np.isfinite(loss):
+            self.where = (self._epoch + 1, batch + 1)
+
+
+class BestModel(keras.callbacks.Callback):
+    """Keeps best.keras: the model of the epoch with the best `monitor` value.
+
+    Keras's ModelCheckpoint(save_best_only=True) writes over the previous file
+    in place; a crash mid-write would lose the best model, so this one writes
+    to a temporary file and renames it. `best` carries the value over a resume.
+    """
+
+    def __init__(self, path: Path, monitor: str, guard: NanGuard, best: float | None = None):
+        super().__init__()
+        self.path, self.monitor, self.guard, self.best = path, monitor, guard, best
+        self.better = np.greater if monitor_mode(monitor) == "max" else np.less
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if self.guard.tripped or current is None or not np.isfinite(current):
+            return
+        if self.best is None or self.better(current, self.best):
+            self.best = float(current)
+            files.save_model(self.model, self.path)
+
+
+class TrainingState(keras.callbacks.Callback):
+    """Saves the full training state at every epoch end (see checkpoint.py)."""
+
+    def __init__(self, path: Path, guard: NanGuard):
+        super().__init__()
+        self.path, self.guard = path, guard
+        self.saved_epochs = 0
+        self.seconds: list[float] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.tripped:
+            return
+        started = time.perf_counter()
+        checkpoint.save_state(self.model, self.path, epoch + 1)
+        self.saved_epochs = epoch + 1
+        self.seconds.append(time.perf_counter() - started)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's EarlyStopping, with its patience counter rebuilt after a resume.
+
+    `history` holds the epochs already trained; replaying them through Keras's
+    own on_epoch_end gives the same `best` and `wait` as the uninterrupted run.
+    """
+
+    def __init__(self, history: list[dict], **kwargs):
+        super().__init__(**kwargs)
+        self.history = history
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for row in self.history:
+            self.on_epoch_end(row["epoch"] - 1, row)
+
+
+class StopCheck(keras.callbacks.Callback):
+    """Acts on a Ctrl-C/SIGTERM request (see signals.py) between batches.
+
+    It comes last in the callback list, so at an epoch end the history row and
+    the training state are written before it stops the run.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        signals.check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        signals.check()

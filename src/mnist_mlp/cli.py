@@ -8,6 +8,7 @@ without loading TensorFlow. Exit codes: 0 success, 1 a check failed
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from mnist_mlp import __version__
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+
 
 _set_option = click.option(
     "--set",
@@ -55,22 +58,53 @@ def cli() -> None:
     help="Where to write the run (default: runs/<config name>-<UTC time>); "
     "must not exist or be empty.",
 )
-def train(config_path: str | None, overrides: tuple[str, ...], run_dir: str | None) -> None:
+@click.option(
+    "--resume",
+    "resume_dir",
+    metavar="RUN_DIR",
+    help="Continue an interrupted run from its last saved epoch, with its own config "
+    "(only --set train.epochs=N may change, to extend it).",
+)
+def train(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    run_dir: str | None,
+    resume_dir: str | None,
+) -> None:
     """Train the network and write a run directory.
 
-    The run directory holds model.keras, config.yaml (the resolved config),
-    history.csv (one row per epoch) and metrics.json (final train and test
-    scores, device, versions, timings).
+    The run directory holds model.keras (final model), best.keras (best epoch
+    by checkpoint.monitor), config.yaml (the resolved config), history.csv (one
+    row per epoch), metrics.json (final scores, device, versions, timings) and
+    state.npz (the training state saved after every epoch, for --resume).
+
+    Ctrl-C or SIGTERM stops after the current batch; the run keeps its last
+    finished epoch and can be continued with --resume.
     """
     from mnist_mlp.config import config_name, load_config
+    from mnist_mlp.runs import STATE_FILE, default_run_dir, resume_config
 
-    config = load_config(config_path, overrides)
-    from mnist_mlp.train import default_run_dir
+    if resume_dir is not None:
+        if run_dir is not None:
+            raise click.UsageError("--resume continues RUN_DIR itself; leave out --run-dir")
+        target = Path(resume_dir)
+        config = resume_config(target, config_path, overrides)
+    else:
+        config = load_config(config_path, overrides)
+        target = Path(run_dir) if run_dir else default_run_dir(config_name(config_path))
     from mnist_mlp.train import train as run_training
 
-    target = Path(run_dir) if run_dir else default_run_dir(config_name(config_path))
     progress = 1 if sys.stdout.isatty() else 2
-    result = run_training(config, target, report=click.echo, progress=progress)
+    try:
+        result = run_training(
+            config, target, report=click.echo, progress=progress, resume=resume_dir is not None
+        )
+    except KeyboardInterrupt as interrupt:
+        terminated = getattr(interrupt, "signum", None) == signal.SIGTERM
+        code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        if (target / STATE_FILE).is_file():
+            _fail(f"interrupted; resume with: mnist-mlp train --resume {target}", code)
+        _fail("interrupted before the first epoch ended; nothing was saved to resume", code)
     m = result.metrics
     train_score, test_score = m["final"]["train"], m["final"]["test"]
     seconds = m["seconds"]
@@ -83,7 +117,7 @@ def train(config_path: str | None, overrides: tuple[str, ...], run_dir: str | No
         f"  test   loss {test_score['loss']:.4f}  accuracy {test_score['accuracy']:.4f}"
         f"  ({test_score['correct']:,}/{test_score['total']:,})"
     )
-    click.echo(f"wrote {result.run_dir}/ (model.keras, config.yaml, history.csv, metrics.json)")
+    click.echo(f"wrote {result.run_dir}/ (model.keras, best.keras, metrics.json, history.csv, ...)")
     click.echo(f"evaluate with: mnist-mlp evaluate --checkpoint {result.run_dir / 'model.keras'}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,17 @@ class ModelConfig(_Section):
     dropout_rate: float = Field(0.4, ge=0.0, lt=1.0)
 
 
+class EarlyStoppingConfig(_Section):
+    """Keras's EarlyStopping on `checkpoint.monitor`; absent (null) means off."""
+
+    # Epochs without improvement before stopping.
+    patience: int = Field(5, ge=1, le=100_000)
+    # Smallest change of the monitored value that counts as an improvement.
+    min_delta: float = Field(0.0, ge=0.0)
+    # End with the weights of the best epoch (from best.keras), not the last.
+    restore_best_weights: bool = True
+
+
 class TrainConfig(_Section):
     """How the network is fitted."""
 
@@ -66,6 +78,20 @@ class TrainConfig(_Section):
     # 0 validates on the test set after each epoch, as the tutorial reports it;
     # a fraction in (0, 1) holds out the last part of the training set instead.
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    # Deterministic TensorFlow ops (tf.config.experimental.enable_op_determinism):
+    # identical weights for the same config and seed. null: on for CPU, off for GPU,
+    # where deterministic kernels are slower.
+    deterministic: bool | None = None
+    # null (off), or a mapping such as {patience: 5}; see EarlyStoppingConfig.
+    early_stopping: EarlyStoppingConfig | None = None
+
+
+class CheckpointConfig(_Section):
+    """What the run keeps while it trains."""
+
+    # best.keras holds the model of the epoch with the best value of this metric
+    # (accuracies are maximised, losses minimised); early stopping watches it too.
+    monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = "val_accuracy"
 
 
 class Config(_Section):
@@ -78,6 +104,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 # --------------------------------------------------------------------------- YAML
@@ -260,10 +287,11 @@ def _section_at(parts: tuple[str, ...]) -> type[BaseModel] | None:
     section: type[BaseModel] = Config
     for part in parts[:-1]:
         field = section.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not models:
             return None
-        section = annotation
+        section = models[0]
     return section
 
 

@@ -231,3 +231,43 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
             f"{path}: {state}: header {dims} needs {expected:,} bytes of data, found {actual:,}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+# ------------------------------------------------------------------- training order
+
+
+def epoch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
+    """The order training samples are visited in during `epoch` (0-based).
+
+    A pure function of (seed, epoch), unlike the shuffling inside `fit`, whose
+    order depends on how many epochs the process has already run: a run
+    resumed at epoch 7 must see epoch 7's order, not epoch 0's.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(samples)
+
+
+def training_batches(x, y, batch_size: int, seed: int, first_epoch: int, epochs: int):
+    """A tf.data pipeline of the batches of epochs `first_epoch`..`epochs - 1`, in order.
+
+    Each epoch yields ceil(N / batch_size) batches (the last one partial), so
+    `fit(..., steps_per_epoch=ceil(N / batch_size))` keeps epoch boundaries.
+    """
+    import tensorflow as tf
+
+    samples = len(x)
+    features, targets = tf.constant(x), tf.constant(y)
+
+    def order(epoch):
+        return epoch_order(seed, int(epoch), samples).astype(np.int64)
+
+    def epoch_batches(epoch):
+        indices = tf.numpy_function(order, [epoch], tf.int64, stateful=False)
+        indices.set_shape([samples])
+        return tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
+
+    return (
+        tf.data.Dataset.range(first_epoch, epochs)
+        .flat_map(epoch_batches)
+        .map(lambda idx: (tf.gather(features, idx), tf.gather(targets, idx)))
+        .prefetch(tf.data.AUTOTUNE)
+    )

@@ -29,9 +29,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as err:
+        raise RunDirError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        # Also on Ctrl-C mid-write: the old file stays, the partial one goes.
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise RunDirError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def write_text(path: Path, text: str) -> None:

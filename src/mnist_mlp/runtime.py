@@ -38,6 +38,9 @@ _STARTUP_NOISE = [
         # On a machine without a GPU this is expected; install-check reports it.
         r"cuda_platform\.cc.*failed call to cuInit",
         r"cuda_executor\.cc.*could not open file to read NUMA node",
+        # tf.data graphs built by this TensorFlow name an attribute its own C++
+        # ops do not know yet (harmless, printed at error level on every fit).
+        r"NodeDef mentions attribute use_unbounded_threadpool",
     )
 ]
 
@@ -169,6 +172,11 @@ def select_device(requested: str) -> Device:
         name = "/device:CPU:0"
     visible = tuple(d.name for d in tf.config.list_logical_devices())
     return Device(kind, name, description, gpus_found=len(gpus), visible=visible)
+
+
+def quiet_tensorflow():
+    """A context in which TensorFlow's known noise on stderr is dropped (see _STARTUP_NOISE)."""
+    return _filtered_stderr()
 
 
 @contextlib.contextmanager

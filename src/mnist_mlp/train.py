@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_mlp import files, runtime
+from mnist_mlp import checkpoint, files, runs, runtime, signals
 from mnist_mlp.config import Config, to_yaml
 from mnist_mlp.errors import ConfigError, RunDirError, TrainingError
-
-RUNS_ROOT = Path("runs")
 
 
 @dataclass(frozen=True)
@@ -25,64 +21,8 @@ class TrainResult:
     metrics: dict
 
 
-def default_run_dir(name: str, root: Path = RUNS_ROOT, now: dt.datetime | None = None) -> Path:
-    """`runs/<config name>-<UTC timestamp>`, with -2, -3... if that name is taken."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    base = root / f"{name}-{now:%Y%m%d-%H%M%S}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
-
-
-def check_run_dir(path: Path) -> None:
-    """Refuse a run directory that holds anything, or one we cannot create.
-
-    Raises:
-        RunDirError: with what is wrong and how to fix it.
-    """
-    if path.exists():
-        if not path.is_dir():
-            raise RunDirError(f"run directory {path} is an existing file; choose another --run-dir")
-        try:
-            occupied = any(path.iterdir())
-        except OSError as err:
-            raise RunDirError(f"cannot read run directory {path}: {err.strerror}") from None
-        if occupied:
-            raise RunDirError(
-                f"run directory {path} already exists and is not empty; runs are never "
-                "overwritten: choose another --run-dir or leave it out for a new timestamped one"
-            )
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise RunDirError(
-            f"cannot create run directory {path}: {parent} is not writable; "
-            "choose a --run-dir in a folder you can write to"
-        )
-
-
-def claim_run_dir(path: Path) -> None:
-    """Create `path` and claim it with an exclusively created config.yaml.
-
-    check_run_dir runs before the data is loaded; another run may have taken
-    the folder since. Creating the first file with O_EXCL makes the claim atomic.
-    """
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        raise RunDirError(
-            f"run directory {path} was taken by another run; choose another --run-dir"
-        ) from None
-    except OSError as err:
-        raise RunDirError(f"cannot create run directory {path}: {err.strerror}") from None
-
-
 def train_size(samples: int, validation_split: float) -> int:
-    """How many samples Keras fits on: it holds out the last `validation_split` of them."""
+    """How many samples are fitted on: the last `validation_split` of them are held out."""
     # The same formula as keras.src.trainers.data_adapters.train_validation_split.
     return int(math.floor(samples * (1.0 - validation_split))) if validation_split else samples
 
@@ -92,31 +32,40 @@ def train(
     run_dir: Path,
     report: Callable[[str], None] = lambda message: None,
     progress: int = 2,
+    resume: bool = False,
 ) -> TrainResult:
     """Train the configured model and write the run directory.
 
     Args:
         config: the resolved configuration.
-        run_dir: where the run's files go; must not exist or be empty.
+        run_dir: where the run's files go; must not exist or be empty, unless resuming.
         report: receives one-line status messages (device, data, paths).
         progress: Keras `fit` verbosity: 0 silent, 1 progress bar, 2 a line per epoch.
+        resume: continue the unfinished run in `run_dir` from its last saved state
+            (see runs.resume_config for the config to pass).
 
     Returns:
         The run directory, device, per-epoch history and the metrics written.
 
     Raises:
-        MnistMlpError: a device, data or run-directory problem, before or during training.
+        MnistMlpError: a device, data, run-directory or training problem.
     """
     # Device first: `device: gpu` without one fails before any other work.
     device = runtime.select_device(config.device)
     tf = runtime.import_tensorflow()
+    deterministic = config.train.deterministic
+    if deterministic is None:
+        deterministic = device.kind == "cpu"
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
     report(f"device: {device.description} (requested: {config.device})")
-    check_run_dir(run_dir)
+    if not resume:
+        runs.check_new_run_dir(run_dir)
 
     import keras
 
-    from mnist_mlp.callbacks import EpochLog
-    from mnist_mlp.data import load_dataset, preprocess
+    from mnist_mlp.callbacks import read_history
+    from mnist_mlp.data import load_dataset, preprocess, training_batches
     from mnist_mlp.evaluate import score
     from mnist_mlp.model import build_model, compile_model
 
@@ -132,34 +81,67 @@ def train(
             f"{fitted:,} to train on and {len(x_train) - fitted:,} to validate; choose a "
             "fraction that leaves both parts non-empty"
         )
+    x_fit, y_fit = x_train[:fitted], y_train[:fitted]
+    validation = (x_train[fitted:], y_train[fitted:]) if split else (x_test, y_test)
 
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.model)
     compile_model(model, config.train)
     report(f"model: {model.count_params():,} parameters")
 
-    claim_run_dir(run_dir)
+    history: list[dict] = []
+    epochs_done = 0
+    if resume:
+        epochs_done = checkpoint.load_state(model, run_dir / checkpoint.STATE_FILE)
+        history = [r for r in read_history(run_dir / "history.csv") if r["epoch"] <= epochs_done]
+        if epochs_done > config.train.epochs:
+            raise ConfigError(
+                f"--resume {run_dir}: {epochs_done} epochs are already done, more than "
+                f"train.epochs={config.train.epochs}; give --set train.epochs={epochs_done} or more"
+            )
+        # All epochs done but killed before the final files: fit runs no epoch
+        # and the run is finished below.
+        report(f"resuming after epoch {epochs_done} of {config.train.epochs}")
+    else:
+        runs.claim_run_dir(run_dir)
     files.write_text(run_dir / "config.yaml", to_yaml(config))
     report(f"run directory: {run_dir}")
 
+    callbacks = _callbacks(config, run_dir, history)
+    guard, epoch_log, state = callbacks["guard"], callbacks["log"], callbacks["state"]
+    stopper = callbacks.get("stopper")
+    steps = math.ceil(fitted / config.train.batch_size)
+    batches = training_batches(
+        x_fit, y_fit, config.train.batch_size, config.seed, epochs_done, config.train.epochs
+    )
     started_at = dt.datetime.now(dt.timezone.utc)
-    epoch_log = EpochLog(run_dir / "history.csv")
-    validation = {"validation_split": split} if split else {"validation_data": (x_test, y_test)}
-    start = time.perf_counter()
     try:
-        model.fit(
-            x_train,
-            y_train,
-            batch_size=config.train.batch_size,
-            epochs=config.train.epochs,
-            callbacks=[epoch_log],
-            verbose=progress,
-            **validation,
-        )
-        total_seconds = time.perf_counter() - start
+        with runtime.quiet_tensorflow(), signals.handled():
+            model.fit(
+                batches,
+                epochs=config.train.epochs,
+                initial_epoch=epochs_done,
+                steps_per_epoch=steps,
+                validation_data=validation,
+                # The order comes from `batches` (data.epoch_order), not from fit.
+                shuffle=False,
+                callbacks=list(callbacks.values()),
+                verbose=progress,
+            )
+        if guard.tripped:
+            epoch, batch = guard.where
+            kept = state.saved_epochs or epochs_done
+            saved = f"the state after epoch {kept} is kept" if kept else "no epoch finished"
+            raise TrainingError(
+                f"the loss became NaN or infinite in epoch {epoch}, batch {batch}; training "
+                f"stopped and {saved} in {run_dir}; lower train.learning_rate and start a new run"
+            )
+        stopped = stopper is not None and stopper.stopped_epoch > 0
+        if stopped and config.train.early_stopping.restore_best_weights:
+            best = keras.saving.load_model(run_dir / "best.keras", compile=False)
+            model.set_weights(best.get_weights())
         files.save_model(model, run_dir / "model.keras")
-        # The part of the training set the model was fitted on, in inference mode.
-        train_score = score(model, x_train[:fitted], y_train[:fitted])
+        train_score = score(model, x_fit, y_fit)
         test_score = score(model, x_test, y_test)
     except OSError as err:  # history.csv could not be appended (disk full, removed)
         raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
@@ -168,13 +150,17 @@ def train(
             f"TensorFlow failed: {type(err).__name__}: {err.message.splitlines()[0][:200]}; "
             "if it ran out of memory, lower train.batch_size or model.units"
         ) from None
-    per_epoch = [row["seconds"] for row in epoch_log.rows]
+
+    rows = epoch_log.rows
+    per_epoch = [row["seconds"] for row in rows]
     metrics = {
         "run_dir": str(run_dir),
         "started_at": started_at.isoformat(timespec="seconds"),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "resumed_after_epoch": epochs_done if resume else None,
         "device": device.as_dict(),
         "backend": runtime.BACKEND,
+        "deterministic": deterministic,
         "versions": runtime.versions(),
         "data": {
             "source": dataset.source,
@@ -183,17 +169,68 @@ def train(
             "test_samples": len(x_test),
         },
         "model": {"parameters": int(model.count_params())},
-        "epochs": len(epoch_log.rows),
+        "epochs": len(rows),
+        "early_stopping": {"stopped_after_epoch": stopper.stopped_epoch + 1} if stopped else None,
         "final": {
             "train": {"loss": train_score.loss, "accuracy": train_score.accuracy},
             "test": test_score.as_dict(),
         },
-        "last_epoch": epoch_log.rows[-1],
+        "last_epoch": rows[-1],
         "seconds": {
-            "total": total_seconds,
+            # Summed over epochs, so a resumed run counts each epoch once.
+            "total": sum(per_epoch),
             "per_epoch": per_epoch,
             "mean_per_epoch": sum(per_epoch) / len(per_epoch),
+            "mean_state_save": sum(state.seconds) / len(state.seconds) if state.seconds else None,
         },
     }
     files.write_json(run_dir / "metrics.json", metrics)
-    return TrainResult(run_dir=run_dir, device=device, history=epoch_log.rows, metrics=metrics)
+    return TrainResult(run_dir=run_dir, device=device, history=rows, metrics=metrics)
+
+
+def _callbacks(config: Config, run_dir: Path, history: list[dict]) -> dict:
+    """The callbacks of a run, in the order they must run at each epoch end.
+
+    The history row is written first and the training state last, so a saved
+    state at epoch N implies history.csv and best.keras are complete up to N.
+    """
+    import keras
+
+    from mnist_mlp.callbacks import (
+        BestModel,
+        EpochLog,
+        NanGuard,
+        ResumableEarlyStopping,
+        StopCheck,
+        TrainingState,
+        monitor_mode,
+    )
+
+    monitor = config.checkpoint.monitor
+    guard = NanGuard()
+    past = [row[monitor] for row in history]
+    best = (max if monitor_mode(monitor) == "max" else min)(past) if past else None
+    stopping = config.train.early_stopping
+    stopper = (
+        ResumableEarlyStopping(
+            history,
+            monitor=monitor,
+            mode=monitor_mode(monitor),
+            patience=stopping.patience,
+            min_delta=stopping.min_delta,
+            # Restored from best.keras after fit instead: exact across a resume.
+            restore_best_weights=False,
+        )
+        if stopping
+        else None
+    )
+    callbacks = {
+        "guard": guard,
+        "nan": keras.callbacks.TerminateOnNaN(),
+        "log": EpochLog(run_dir / "history.csv", history),
+        "best": BestModel(run_dir / "best.keras", monitor, guard, best),
+        "stopper": stopper,
+        "state": TrainingState(run_dir / checkpoint.STATE_FILE, guard),
+        "stop": StopCheck(),
+    }
+    return {name: cb for name, cb in callbacks.items() if cb is not None}

@@ -1,0 +1,292 @@
+"""Interrupted runs: determinism, kill-and-resume, signals, early stopping, NaN, best.keras."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from conftest import EXECUTABLE, assert_one_line_error, needs_t10k
+
+from mnist_mlp.config import load_config
+
+pytestmark = needs_t10k
+
+EPOCHS = 4
+
+
+def _args(split_npz, *extra):
+    args = [
+        "--set",
+        f"data.path={split_npz}",
+        "--set",
+        f"train.epochs={EPOCHS}",
+        "--set",
+        "device=cpu",
+    ]
+    for item in extra:
+        args += ["--set", item]
+    return args
+
+
+def _state(run_dir) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "state.npz") as state:
+        return {key: state[key] for key in state.files}
+
+
+def _history(run_dir, columns=("epoch", "loss", "accuracy", "val_loss", "val_accuracy")):
+    with open(run_dir / "history.csv", newline="") as handle:
+        return [tuple(row[c] for c in columns) for row in csv.DictReader(handle)]
+
+
+def _weights(run_dir, name="model.keras"):
+    from mnist_mlp import runtime
+
+    runtime.import_tensorflow()
+    import keras
+
+    return keras.saving.load_model(run_dir / name, compile=False).get_weights()
+
+
+def _assert_same_run(a, b):
+    """Bit for bit: every model and optimizer variable, and the scores of every epoch."""
+    state_a, state_b = _state(a), _state(b)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key)
+    for wa, wb in zip(_weights(a), _weights(b), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert _history(a) == _history(b)
+
+
+@pytest.fixture(scope="module")
+def reference_run(run_cli, split_npz, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_cli("train", *_args(split_npz), "--run-dir", run_dir)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def _start(cli_env, *args):
+    return subprocess.Popen(
+        [EXECUTABLE, "train", *map(str, args)],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _epochs_saved(run_dir) -> int:
+    try:
+        with np.load(run_dir / "state.npz") as state:
+            return int(state["epochs_done"])
+    except (OSError, ValueError, KeyError):  # not there yet, or being replaced
+        return 0
+
+
+def _wait_for_epochs(run_dir, epochs, process, timeout=300):
+    """Wait until the run has saved its state after `epochs` epochs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return
+        if _epochs_saved(run_dir) >= epochs:
+            return
+        time.sleep(0.05)
+    raise AssertionError("training did not progress")
+
+
+def test_two_runs_with_the_same_seed_are_identical(reference_run, run_cli, split_npz, tmp_path):
+    again = tmp_path / "again"
+    assert run_cli("train", *_args(split_npz), "--run-dir", again).returncode == 0
+    _assert_same_run(reference_run, again)
+    assert json.loads((again / "metrics.json").read_text())["deterministic"] is True
+
+
+def test_a_different_seed_gives_a_different_run(reference_run, run_cli, split_npz, tmp_path):
+    other = tmp_path / "other"
+    assert run_cli("train", *_args(split_npz, "seed=7"), "--run-dir", other).returncode == 0
+    assert _history(other) != _history(reference_run)
+
+
+def test_sigkill_twice_then_resume_ends_exactly_like_an_uninterrupted_run(
+    reference_run, run_cli, cli_env, split_npz, tmp_path
+):
+    rng = random.Random()
+    seed = rng.randrange(10**6)
+    rng.seed(seed)  # printed on failure, to replay the same kill moments
+    run_dir = tmp_path / "killed"
+    kills = []
+    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
+    for after_epochs in (1, 2):
+        # A random moment inside the next epoch: mid-batch, mid-save or between.
+        _wait_for_epochs(run_dir, after_epochs, process)
+        time.sleep(rng.uniform(0.0, 1.2))
+        process.kill()  # SIGKILL: no handler runs, files may be half-written
+        process.communicate()
+        kills.append(len(_history(run_dir)))
+        process = _start(cli_env, "--resume", run_dir)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, (seed, kills, err)
+    assert "resuming after epoch" in out
+    assert not list(run_dir.glob(".*tmp*")), "a temporary file was left behind"
+    _assert_same_run(reference_run, run_dir)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_the_run_resumes(
+    reference_run, run_cli, cli_env, split_npz, tmp_path, sig, code
+):
+    run_dir = tmp_path / "stopped"
+    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
+    _wait_for_epochs(run_dir, 1, process)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"error: interrupted; resume with: mnist-mlp train --resume {run_dir}"
+    ]
+    assert not (run_dir / "metrics.json").exists()
+    result = run_cli("train", "--resume", run_dir)
+    assert result.returncode == 0, result.stderr
+    _assert_same_run(reference_run, run_dir)
+
+
+def test_resume_can_extend_the_epochs(run_cli, cli_env, split_npz, tmp_path):
+    run_dir = tmp_path / "extend"
+    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
+    _wait_for_epochs(run_dir, 1, process)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    result = run_cli("train", "--resume", run_dir, "--set", f"train.epochs={EPOCHS + 1}")
+    assert result.returncode == 0, result.stderr
+    assert [int(row[0]) for row in _history(run_dir)] == list(range(1, EPOCHS + 2))
+    assert load_config(run_dir / "config.yaml").train.epochs == EPOCHS + 1
+
+
+def test_resume_refuses_what_it_cannot_continue(reference_run, run_cli, split_npz, tmp_path):
+    assert_one_line_error(run_cli("train", "--resume", tmp_path / "none"), "no such run")
+    assert_one_line_error(run_cli("train", "--resume", tmp_path), "not a run directory")
+    assert_one_line_error(run_cli("train", "--resume", reference_run), "already finished")
+    unstarted = tmp_path / "unstarted"
+    unstarted.mkdir()
+    for name in ("config.yaml", "history.csv"):
+        (unstarted / name).write_text((reference_run / name).read_text())
+    assert_one_line_error(run_cli("train", "--resume", unstarted), "before its first epoch")
+    assert_one_line_error(
+        run_cli("train", "--resume", reference_run, "--run-dir", tmp_path / "x"),
+        "leave out --run-dir",
+    )
+
+
+def test_resume_refuses_config_changes_other_than_epochs(run_cli, cli_env, split_npz, tmp_path):
+    run_dir = tmp_path / "partial"
+    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
+    _wait_for_epochs(run_dir, 1, process)
+    process.kill()
+    process.communicate()
+    before = _state(run_dir)
+    line = assert_one_line_error(
+        run_cli("train", "--resume", run_dir, "--set", "model.units=64"), "model.units"
+    )
+    assert "only train.epochs may change" in line
+    other = tmp_path / "other.yaml"
+    other.write_text("train:\n  batch_size: 64\n")
+    assert_one_line_error(
+        run_cli("train", "--resume", run_dir, "--config", other), "train.batch_size"
+    )
+    # Refusals touch nothing.
+    for key, value in _state(run_dir).items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_a_truncated_state_is_refused_and_kept(run_cli, cli_env, split_npz, tmp_path):
+    run_dir = tmp_path / "broken"
+    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
+    _wait_for_epochs(run_dir, 1, process)
+    process.kill()
+    process.communicate()
+    data = (run_dir / "state.npz").read_bytes()
+    (run_dir / "state.npz").write_bytes(data[: len(data) // 3])
+    assert_one_line_error(run_cli("train", "--resume", run_dir), "unreadable training state")
+    assert (run_dir / "state.npz").stat().st_size == len(data) // 3
+
+
+def test_best_keras_is_the_best_epochs_model(reference_run, run_cli):
+    history = _history(reference_run)
+    best_epoch = max(history, key=lambda row: float(row[4]))
+    report = json.loads(
+        run_cli("evaluate", "--checkpoint", reference_run / "best.keras", "--json").stdout
+    )
+    # Validation is the test set here; allow a near-tie or two (batching differs).
+    assert report["accuracy"] == pytest.approx(float(best_epoch[4]), abs=2 / 2000)
+
+
+def test_early_stopping_stops_by_keras_rule_and_restores_best(run_cli, split_npz, tmp_path):
+    run_dir = tmp_path / "early"
+    result = run_cli(
+        "train",
+        "--set",
+        f"data.path={split_npz}",
+        "--set",
+        "train.epochs=12",
+        "--set",
+        "train.learning_rate=0.01",
+        "--set",
+        "checkpoint.monitor=val_loss",
+        "--set",
+        "train.early_stopping.patience=1",
+        "--run-dir",
+        run_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    losses = [float(row[3]) for row in _history(run_dir)]
+    # Keras's rule with patience 1: stop at the first epoch that does not improve.
+    expected = next((i + 1 for i in range(1, len(losses)) if losses[i] >= min(losses[:i])), None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stopped = (metrics["early_stopping"] or {}).get("stopped_after_epoch")
+    assert stopped == expected and len(losses) == (expected or 12)
+    if expected:
+        for final, best in zip(_weights(run_dir), _weights(run_dir, "best.keras"), strict=True):
+            np.testing.assert_array_equal(final, best)
+
+
+def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_state(
+    split_npz, tmp_path, monkeypatch
+):
+    import tensorflow as tf
+
+    from mnist_mlp import data
+    from mnist_mlp.errors import TrainingError
+    from mnist_mlp.train import train
+
+    steps_per_epoch = 63  # ceil(8000 / 128)
+    poisoned_step = steps_per_epoch + 4  # epoch 2, batch 5
+    real = data.training_batches
+
+    def poisoned(*args, **kwargs):
+        def poison(step, batch):
+            x, y = batch
+            return tf.where(step == poisoned_step, tf.fill(tf.shape(x), float("nan")), x), y
+
+        return real(*args, **kwargs).enumerate().map(poison)
+
+    monkeypatch.setattr(data, "training_batches", poisoned)
+    run_dir = tmp_path / "nan"
+    config = load_config(None, [f"data.path={split_npz}", "train.epochs=3", "device=cpu"])
+    with pytest.raises(TrainingError) as info:
+        train(config, run_dir)
+    message = str(info.value)
+    assert "epoch 2, batch 5" in message and "state after epoch 1 is kept" in message
+    with np.load(run_dir / "state.npz") as state:
+        assert int(state["epochs_done"]) == 1
+        assert all(np.isfinite(state[k]).all() for k in state.files if k.startswith("model/0"))
+    assert (run_dir / "best.keras").is_file()
+    assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
