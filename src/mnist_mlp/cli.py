@@ -1,8 +1,8 @@
 """The `mnist-mlp` command line: parse, call the core, print, map errors to exit codes.
 
 Only click is imported at module level, so `--help` and `--version` answer
-without loading TensorFlow. Exit codes: 0 success, 1 a check failed
-(install-check), 2 bad input of any kind, 130 interrupted.
+without loading TensorFlow. Exit codes: 0 success, 1 a check or the
+training failed, 2 bad input of any kind, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="mnist-mlp", standalone_mode=False)
     except MnistMlpError as err:
-        _fail(str(err), EXIT_BAD_INPUT)
+        _fail(str(err), err.exit_code)
     except click.UsageError as err:
         where = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
         _fail(f"{err.format_message()}{where}", EXIT_BAD_INPUT)

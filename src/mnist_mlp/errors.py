@@ -7,6 +7,9 @@ class MnistMlpError(Exception):
     The message is a single line naming what is wrong and how to fix it.
     """
 
+    # The CLI's exit status: 2 for bad input of any kind.
+    exit_code = 2
+
 
 class ConfigError(MnistMlpError):
     """The configuration file or an override is malformed or out of range."""
@@ -29,7 +32,9 @@ class InstallError(MnistMlpError):
 
 
 class TrainingError(MnistMlpError):
-    """TensorFlow failed while training or scoring (e.g. out of memory)."""
+    """Training failed (NaN loss, out of memory): the input was fine, the run was not."""
+
+    exit_code = 1
 
 
 class RunDirError(MnistMlpError):
