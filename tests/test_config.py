@@ -237,7 +237,7 @@ _SECTION_KEYS = {
         "deterministic",
         "epoch",
     ],
-    "checkpoint": ["monitor", "every"],
+    "checkpoint": ["monitor", "every_batches", "every"],
 }
 _values = st.one_of(
     st.none(),

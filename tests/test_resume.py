@@ -82,6 +82,11 @@ def _start(cli_env, *args):
     )
 
 
+def _progress(run_dir) -> tuple[int, int]:
+    with np.load(run_dir / "state.npz") as state:
+        return int(state["epochs_done"]), int(state["batches_done"])
+
+
 def _epochs_saved(run_dir) -> int:
     try:
         with np.load(run_dir / "state.npz") as state:
@@ -115,22 +120,24 @@ def test_a_different_seed_gives_a_different_run(reference_run, run_cli, split_np
     assert _history(other) != _history(reference_run)
 
 
+@pytest.mark.parametrize("every_batches", [None, 10], ids=["epoch-saves", "every-10-batches"])
 def test_sigkill_twice_then_resume_ends_exactly_like_an_uninterrupted_run(
-    reference_run, run_cli, cli_env, split_npz, tmp_path
+    reference_run, run_cli, cli_env, split_npz, tmp_path, every_batches
 ):
     rng = random.Random()
     seed = rng.randrange(10**6)
     rng.seed(seed)  # printed on failure, to replay the same kill moments
     run_dir = tmp_path / "killed"
     kills = []
-    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
+    extra = [f"checkpoint.every_batches={every_batches}"] if every_batches else []
+    process = _start(cli_env, *_args(split_npz, *extra), "--run-dir", run_dir)
     for after_epochs in (1, 2):
         # A random moment inside the next epoch: mid-batch, mid-save or between.
         _wait_for_epochs(run_dir, after_epochs, process)
         time.sleep(rng.uniform(0.0, 1.2))
         process.kill()  # SIGKILL: no handler runs, files may be half-written
         process.communicate()
-        kills.append(len(_history(run_dir)))
+        kills.append(_progress(run_dir))
         process = _start(cli_env, "--resume", run_dir)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, (seed, kills, err)

@@ -87,9 +87,11 @@ class NanGuard(keras.callbacks.Callback):
     `tripped` first so the last good state and best.keras survive.
     """
 
-    def __init__(self):
+    def __init__(self, offset: int = 0):
+        """Args: offset: batches already done in the first epoch (a mid-epoch resume)."""
         super().__init__()
         self.where: tuple[int, int] | None = None
+        self.offset = offset
         self._epoch = 0
 
     @property
@@ -102,7 +104,10 @@ class NanGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if self.where is None and loss is not None and not np.isfinite(loss):
-            self.where = (self._epoch + 1, batch + 1)
+            self.where = (self._epoch + 1, self.offset + batch + 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.offset = 0
 
 
 class BestModel(keras.callbacks.Callback):
@@ -128,21 +133,61 @@ class BestModel(keras.callbacks.Callback):
 
 
 class TrainingState(keras.callbacks.Callback):
-    """Saves the full training state at every epoch end (see checkpoint.py)."""
+    """Saves the full training state (see checkpoint.py), and stops on Ctrl-C/SIGTERM.
 
-    def __init__(self, path: Path, guard: NanGuard):
+    Saves at every epoch end, every `every_batches` batches, and at the batch
+    where a stop was requested (signals.py), then stops there; a resumed run
+    continues from that very batch. It comes last in the callback list, so at
+    an epoch end the history row and best.keras are written before the state.
+
+    When resuming mid-epoch, `resumed` is the saved progress: the first epoch's
+    batches are numbered from its `batches_done`, and its metric totals are
+    added back after the first batch (Keras builds the metric variables then).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        guard: NanGuard,
+        every_batches: int | None = None,
+        resumed: checkpoint.Progress | None = None,
+    ):
         super().__init__()
-        self.path, self.guard = path, guard
-        self.saved_epochs = 0
+        self.path, self.guard, self.every_batches = path, guard, every_batches
+        self.offset = resumed.batches_done if resumed else 0
+        self._pending_totals = dict(resumed.metric_totals) if resumed else {}
+        self.saved = resumed or checkpoint.Progress(0)
         self.seconds: list[float] = []
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._pending_totals:
+            for variable in self.model.metrics_variables:
+                variable.assign_add(self._pending_totals[variable.path])
+            self._pending_totals = {}
+        done = self.offset + batch + 1
+        stop = signals.requested()
+        due = self.every_batches is not None and done % self.every_batches == 0
+        if (stop or due) and not self.guard.tripped:
+            totals = checkpoint.metric_totals(self.model)
+            self._save(checkpoint.Progress(self._epoch, done, totals))
+        if stop:
+            signals.check()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.guard.tripped:
-            return
-        started = time.perf_counter()
-        checkpoint.save_state(self.model, self.path, epoch + 1)
-        self.saved_epochs = epoch + 1
-        self.seconds.append(time.perf_counter() - started)
+        self.offset = 0
+        if not self.guard.tripped:
+            started = time.perf_counter()
+            self._save(checkpoint.Progress(epoch + 1))
+            self.seconds.append(time.perf_counter() - started)
+        signals.check()
+
+    def _save(self, progress: checkpoint.Progress) -> None:
+        checkpoint.save_state(self.model, self.path, progress)
+        self.saved = progress
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -157,20 +202,10 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         self.history = history
 
     def on_train_begin(self, logs=None):
+        # A resumed mid-epoch run calls fit twice; the state carries over.
+        if getattr(self, "_replayed", False):
+            return
+        self._replayed = True
         super().on_train_begin(logs)
         for row in self.history:
             self.on_epoch_end(row["epoch"] - 1, row)
-
-
-class StopCheck(keras.callbacks.Callback):
-    """Acts on a Ctrl-C/SIGTERM request (see signals.py) between batches.
-
-    It comes last in the callback list, so at an epoch end the history row and
-    the training state are written before it stops the run.
-    """
-
-    def on_train_batch_end(self, batch, logs=None):
-        signals.check()
-
-    def on_epoch_end(self, epoch, logs=None):
-        signals.check()

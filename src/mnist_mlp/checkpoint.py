@@ -3,14 +3,16 @@
 A `.keras` file holds the weights and the optimizer, but not the state of the
 random generators Dropout draws its masks from (Keras recreates them on
 load), so an exact resume needs more. The state is one `.npz`: every model
-variable (weights and seed-generator states), every optimizer variable, and
-the number of completed epochs. It is written to a temporary file and renamed,
+variable (weights and seed-generator states), every optimizer variable, how
+far the run got (epochs, and batches into the next epoch) and, mid-epoch, the
+running totals of the epoch's metrics. It is written to a temporary file and renamed,
 so a crash or a full disk leaves the previous state in place.
 """
 
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +21,35 @@ from mnist_mlp import files
 from mnist_mlp.errors import CheckpointError
 from mnist_mlp.runs import STATE_FILE
 
-__all__ = ["STATE_FILE", "load_state", "save_state"]
+__all__ = ["STATE_FILE", "Progress", "load_state", "metric_totals", "save_state"]
 FORMAT_VERSION = 1
 
 
-def save_state(model, path: Path, epochs_done: int) -> None:
-    """Write the model's and optimizer's variables and the completed epoch count."""
-    arrays = {"format_version": np.array(FORMAT_VERSION), "epochs_done": np.array(epochs_done)}
+@dataclass(frozen=True)
+class Progress:
+    """Where a saved run stands: `batches_done` batches into epoch `epochs_done + 1`."""
+
+    epochs_done: int
+    batches_done: int = 0
+    # Running totals of the epoch's loss and accuracy (path -> value), saved
+    # mid-epoch so the resumed epoch still reports its average over all batches.
+    metric_totals: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def save_state(model, path: Path, progress: Progress) -> None:
+    """Write every model and optimizer variable and the run's progress, atomically."""
+    arrays = {
+        "format_version": np.array(FORMAT_VERSION),
+        "epochs_done": np.array(progress.epochs_done),
+        "batches_done": np.array(progress.batches_done),
+    }
     for prefix, variables in _groups(model).items():
         for i, variable in enumerate(variables):
             arrays[f"{prefix}/{i:04d}"] = np.asarray(variable.numpy())
         arrays[f"{prefix}/paths"] = np.array([v.path for v in variables])
+    for i, value in enumerate(progress.metric_totals.values()):
+        arrays[f"metrics/{i:04d}"] = np.asarray(value)
+    arrays["metrics/paths"] = np.array(list(progress.metric_totals), dtype=str)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
@@ -38,8 +58,13 @@ def save_state(model, path: Path, epochs_done: int) -> None:
     files.atomic_write(path, write)
 
 
-def load_state(model, path: Path) -> int:
-    """Restore variables saved by save_state into `model`; return the completed epochs.
+def metric_totals(model) -> dict[str, np.ndarray]:
+    """The current values of the model's metric variables (loss and accuracy totals)."""
+    return {v.path: np.asarray(v.numpy()) for v in model.metrics_variables}
+
+
+def load_state(model, path: Path) -> Progress:
+    """Restore variables saved by save_state into `model`; return the saved progress.
 
     The model must be built and compiled from the same config (its optimizer
     variables are created here if training has not started).
@@ -67,7 +92,12 @@ def load_state(model, path: Path) -> int:
                             f"the model expects {tuple(variable.shape)}"
                         )
                     variable.assign(value)
-            return int(state["epochs_done"])
+            names = [str(p) for p in state["metrics/paths"]]
+            return Progress(
+                epochs_done=int(state["epochs_done"]),
+                batches_done=int(state["batches_done"]),
+                metric_totals={n: state[f"metrics/{i:04d}"] for i, n in enumerate(names)},
+            )
     except CheckpointError:
         raise
     except FileNotFoundError:

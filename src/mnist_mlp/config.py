@@ -92,6 +92,9 @@ class CheckpointConfig(_Section):
     # best.keras holds the model of the epoch with the best value of this metric
     # (accuracies are maximised, losses minimised); early stopping watches it too.
     monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = "val_accuracy"
+    # Also save the training state every N batches (null: only at epoch ends),
+    # so a killed run loses at most N batches, not the epoch in progress.
+    every_batches: int | None = Field(None, ge=1)
 
 
 class Config(_Section):

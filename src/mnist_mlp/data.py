@@ -246,11 +246,14 @@ def epoch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(samples)
 
 
-def training_batches(x, y, batch_size: int, seed: int, first_epoch: int, epochs: int):
+def training_batches(
+    x, y, batch_size: int, seed: int, first_epoch: int, epochs: int, skip: int = 0
+):
     """A tf.data pipeline of the batches of epochs `first_epoch`..`epochs - 1`, in order.
 
     Each epoch yields ceil(N / batch_size) batches (the last one partial), so
     `fit(..., steps_per_epoch=ceil(N / batch_size))` keeps epoch boundaries.
+    `skip` drops the first batches of `first_epoch` (already trained before a resume).
     """
     import tensorflow as tf
 
@@ -268,6 +271,7 @@ def training_batches(x, y, batch_size: int, seed: int, first_epoch: int, epochs:
     return (
         tf.data.Dataset.range(first_epoch, epochs)
         .flat_map(epoch_batches)
+        .skip(skip)
         .map(lambda idx: (tf.gather(features, idx), tf.gather(targets, idx)))
         .prefetch(tf.data.AUTOTUNE)
     )

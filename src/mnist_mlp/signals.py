@@ -1,9 +1,9 @@
 """Ctrl-C and SIGTERM during training: stop between batches, never mid-save.
 
-The handler only records the request; the StopCheck callback acts on it at
-the next batch or epoch end. A save in progress (an epoch end) therefore
-always completes, and the run keeps its last finished epoch. A second Ctrl-C
-stops at once.
+The handler only records the request; the TrainingState callback acts on it
+at the next batch or epoch end, after saving the state there. A save in
+progress therefore always completes, and a resumed run continues from the
+batch where it stopped. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ def _handler(signum, frame):
     if _requested is not None:
         raise StopRequested(signum)
     _requested = signum
+
+
+def requested() -> bool:
+    """A stop was asked for since `handled()` began."""
+    return _requested is not None
 
 
 def check() -> None:

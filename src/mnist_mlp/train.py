@@ -90,9 +90,11 @@ def train(
     report(f"model: {model.count_params():,} parameters")
 
     history: list[dict] = []
+    resumed = None
     epochs_done = 0
     if resume:
-        epochs_done = checkpoint.load_state(model, run_dir / checkpoint.STATE_FILE)
+        resumed = checkpoint.load_state(model, run_dir / checkpoint.STATE_FILE)
+        epochs_done = resumed.epochs_done
         history = [r for r in read_history(run_dir / "history.csv") if r["epoch"] <= epochs_done]
         if epochs_done > config.train.epochs:
             raise ConfigError(
@@ -101,37 +103,52 @@ def train(
             )
         # All epochs done but killed before the final files: fit runs no epoch
         # and the run is finished below.
-        report(f"resuming after epoch {epochs_done} of {config.train.epochs}")
+        where = f", batch {resumed.batches_done}" if resumed.batches_done else ""
+        report(f"resuming after epoch {epochs_done}{where} of {config.train.epochs}")
     else:
         runs.claim_run_dir(run_dir)
     files.write_text(run_dir / "config.yaml", to_yaml(config))
     report(f"run directory: {run_dir}")
 
-    callbacks = _callbacks(config, run_dir, history)
+    callbacks = _callbacks(config, run_dir, history, resumed)
     guard, epoch_log, state = callbacks["guard"], callbacks["log"], callbacks["state"]
     stopper = callbacks.get("stopper")
     steps = math.ceil(fitted / config.train.batch_size)
-    batches = training_batches(
-        x_fit, y_fit, config.train.batch_size, config.seed, epochs_done, config.train.epochs
-    )
+    skip = resumed.batches_done if resumed else 0
+    # A mid-epoch resume fits the rest of that epoch first, as its own fit call
+    # (fit takes one steps_per_epoch for all epochs), then the remaining epochs.
+    phases = [(epochs_done, epochs_done + 1, skip), (epochs_done + 1, config.train.epochs, 0)]
+    if not skip:
+        phases = [(epochs_done, config.train.epochs, 0)]
     started_at = dt.datetime.now(dt.timezone.utc)
     try:
         with runtime.quiet_tensorflow(), signals.handled():
-            model.fit(
-                batches,
-                epochs=config.train.epochs,
-                initial_epoch=epochs_done,
-                steps_per_epoch=steps,
-                validation_data=validation,
-                # The order comes from `batches` (data.epoch_order), not from fit.
-                shuffle=False,
-                callbacks=list(callbacks.values()),
-                verbose=progress,
-            )
+            for first, last, skipped in phases:
+                if first >= last or model.stop_training:
+                    continue
+                model.fit(
+                    training_batches(
+                        x_fit, y_fit, config.train.batch_size, config.seed, first, last, skipped
+                    ),
+                    epochs=last,
+                    initial_epoch=first,
+                    steps_per_epoch=steps - skipped,
+                    validation_data=validation,
+                    # The order comes from training_batches (data.epoch_order), not fit.
+                    shuffle=False,
+                    callbacks=list(callbacks.values()),
+                    verbose=progress,
+                )
         if guard.tripped:
             epoch, batch = guard.where
-            kept = state.saved_epochs or epochs_done
-            saved = f"the state after epoch {kept} is kept" if kept else "no epoch finished"
+            kept = state.saved
+            saved = (
+                f"the state after epoch {kept.epochs_done}"
+                + (f", batch {kept.batches_done}" if kept.batches_done else "")
+                + " is kept"
+                if kept.epochs_done or kept.batches_done
+                else "nothing was saved"
+            )
             raise TrainingError(
                 f"the loss became NaN or infinite in epoch {epoch}, batch {batch}; training "
                 f"stopped and {saved} in {run_dir}; lower train.learning_rate and start a new run"
@@ -188,7 +205,9 @@ def train(
     return TrainResult(run_dir=run_dir, device=device, history=rows, metrics=metrics)
 
 
-def _callbacks(config: Config, run_dir: Path, history: list[dict]) -> dict:
+def _callbacks(
+    config: Config, run_dir: Path, history: list[dict], resumed: checkpoint.Progress | None
+) -> dict:
     """The callbacks of a run, in the order they must run at each epoch end.
 
     The history row is written first and the training state last, so a saved
@@ -201,13 +220,12 @@ def _callbacks(config: Config, run_dir: Path, history: list[dict]) -> dict:
         EpochLog,
         NanGuard,
         ResumableEarlyStopping,
-        StopCheck,
         TrainingState,
         monitor_mode,
     )
 
     monitor = config.checkpoint.monitor
-    guard = NanGuard()
+    guard = NanGuard(offset=resumed.batches_done if resumed else 0)
     past = [row[monitor] for row in history]
     best = (max if monitor_mode(monitor) == "max" else min)(past) if past else None
     stopping = config.train.early_stopping
@@ -230,7 +248,8 @@ def _callbacks(config: Config, run_dir: Path, history: list[dict]) -> dict:
         "log": EpochLog(run_dir / "history.csv", history),
         "best": BestModel(run_dir / "best.keras", monitor, guard, best),
         "stopper": stopper,
-        "state": TrainingState(run_dir / checkpoint.STATE_FILE, guard),
-        "stop": StopCheck(),
+        "state": TrainingState(
+            run_dir / checkpoint.STATE_FILE, guard, config.checkpoint.every_batches, resumed
+        ),
     }
     return {name: cb for name, cb in callbacks.items() if cb is not None}
