@@ -151,3 +151,22 @@ def test_install_check_gpu_fails_on_a_cpu_machine_with_guidance(run_cli):
         pytest.skip("this machine has a GPU")
     line = assert_one_line_error(result, "no usable GPU", code=1)
     assert "NVIDIA driver" in line and 'pip install "mnist-mlp[gpu]"' in line
+
+
+def test_train_into_a_folder_without_write_permission(run_cli, tmp_path, split_npz):
+    # Root may write anywhere a mode allows, so use a file system no one may
+    # create folders in: sysfs.
+    import os
+
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no sysfs here")
+    result = run_cli(
+        "train",
+        "--set",
+        f"data.path={split_npz}",
+        "--set",
+        "train.epochs=1",
+        "--run-dir",
+        "/sys/mnist-mlp-test-run",
+    )
+    assert_one_line_error(result, "cannot create run directory /sys/mnist-mlp-test-run")

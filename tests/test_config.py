@@ -279,7 +279,7 @@ def test_any_config_validates_or_is_rejected_naming_a_key(data):
     except ConfigError as err:
         message = str(err)
         assert "\n" not in message
-        named = re.findall(r"'([a-z_.]+)'|^([a-z_.]+):", message)
+        named = re.findall(r"'([a-z_.]+)'|^([a-z_.]+)[:=]", message)
         names = {a or b for a, b in named}
         assert names & _key_paths(data), f"{message!r} names no key of {data!r}"
     else:
@@ -296,3 +296,14 @@ def test_errors_are_blamed_on_the_file_or_the_set_that_caused_them(tmp_path):
         load_config(path, ["model.units=32"])
     with pytest.raises(ConfigError, match=r"^--set: model.units: got 0"):
         load_config(path, ["model.units=0", "train.epochs=3"])
+
+
+def test_early_stopping_may_restore_only_what_best_keras_keeps():
+    ok = load_config(None, ["train.early_stopping.monitor=val_loss", "checkpoint.monitor=val_loss"])
+    assert ok.train.early_stopping.monitor == "val_loss"
+    assert (
+        load_config(None, ["train.early_stopping.patience=2"]).train.early_stopping.monitor is None
+    )
+    with pytest.raises(ConfigError, match="set both to the same metric") as info:
+        load_config(None, ["train.early_stopping.monitor=val_loss"])
+    assert str(info.value).startswith("train.early_stopping.monitor=val_loss with")

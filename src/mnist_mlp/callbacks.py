@@ -149,11 +149,13 @@ class TrainingState(keras.callbacks.Callback):
         self,
         path: Path,
         guard: NanGuard,
+        steps_per_epoch: int,
         every_batches: int | None = None,
         resumed: checkpoint.Progress | None = None,
     ):
         super().__init__()
         self.path, self.guard, self.every_batches = path, guard, every_batches
+        self.steps_per_epoch = steps_per_epoch
         self.offset = resumed.batches_done if resumed else 0
         self._pending_totals = dict(resumed.metric_totals) if resumed else {}
         self.saved = resumed or checkpoint.Progress(0)
@@ -169,6 +171,8 @@ class TrainingState(keras.callbacks.Callback):
                 variable.assign_add(self._pending_totals[variable.path])
             self._pending_totals = {}
         done = self.offset + batch + 1
+        if done >= self.steps_per_epoch:
+            return  # the epoch-end save (and stop) follows at once
         stop = signals.requested()
         due = self.every_batches is not None and done % self.every_batches == 0
         if (stop or due) and not self.guard.tripped:

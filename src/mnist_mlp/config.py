@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mnist_mlp.errors import ConfigError
 
@@ -57,9 +64,14 @@ class ModelConfig(_Section):
     dropout_rate: float = Field(0.4, ge=0.0, lt=1.0)
 
 
-class EarlyStoppingConfig(_Section):
-    """Keras's EarlyStopping on `checkpoint.monitor`; absent (null) means off."""
+Monitor = Literal["val_accuracy", "val_loss", "accuracy", "loss"]
 
+
+class EarlyStoppingConfig(_Section):
+    """Keras's EarlyStopping; absent (null) means off."""
+
+    # The metric to watch; null: checkpoint.monitor, the one best.keras follows.
+    monitor: Monitor | None = None
     # Epochs without improvement before stopping.
     patience: int = Field(5, ge=1, le=100_000)
     # Smallest change of the monitored value that counts as an improvement.
@@ -91,7 +103,7 @@ class CheckpointConfig(_Section):
 
     # best.keras holds the model of the epoch with the best value of this metric
     # (accuracies are maximised, losses minimised); early stopping watches it too.
-    monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = "val_accuracy"
+    monitor: Monitor = "val_accuracy"
     # Also save the training state every N batches (null: only at epoch ends),
     # so a killed run loses at most N batches, not the epoch in progress.
     every_batches: int | None = Field(None, ge=1)
@@ -108,6 +120,22 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _best_weights_come_from_best_keras(self) -> Config:
+        stopping = self.train.early_stopping
+        if (
+            stopping
+            and stopping.restore_best_weights
+            and stopping.monitor not in (None, self.checkpoint.monitor)
+        ):
+            # The best weights are best.keras's, which stay exact over a resume.
+            raise ValueError(
+                f"train.early_stopping.monitor={stopping.monitor} with restore_best_weights "
+                f"restores best.keras, which follows checkpoint.monitor={self.checkpoint.monitor}; "
+                "set both to the same metric, or restore_best_weights: false"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- YAML
@@ -331,6 +359,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     message = re.sub(r"^(Value error, |Input )", "", message)
     if error["type"] == "model_type" or error["type"] == "dict_type":
         message = "should be a section (a mapping of keys)"
+    if not parts:  # a rule across keys (a model validator): its message names them
+        return message
     return f"{name}: got {_short(error.get('input'))}; {message}"
 
 

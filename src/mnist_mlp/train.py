@@ -110,10 +110,10 @@ def train(
     files.write_text(run_dir / "config.yaml", to_yaml(config))
     report(f"run directory: {run_dir}")
 
-    callbacks = _callbacks(config, run_dir, history, resumed)
+    steps = math.ceil(fitted / config.train.batch_size)
+    callbacks = _callbacks(config, run_dir, history, resumed, steps)
     guard, epoch_log, state = callbacks["guard"], callbacks["log"], callbacks["state"]
     stopper = callbacks.get("stopper")
-    steps = math.ceil(fitted / config.train.batch_size)
     skip = resumed.batches_done if resumed else 0
     # A mid-epoch resume fits the rest of that epoch first, as its own fit call
     # (fit takes one steps_per_epoch for all epochs), then the remaining epochs.
@@ -206,7 +206,11 @@ def train(
 
 
 def _callbacks(
-    config: Config, run_dir: Path, history: list[dict], resumed: checkpoint.Progress | None
+    config: Config,
+    run_dir: Path,
+    history: list[dict],
+    resumed: checkpoint.Progress | None,
+    steps_per_epoch: int,
 ) -> dict:
     """The callbacks of a run, in the order they must run at each epoch end.
 
@@ -229,11 +233,12 @@ def _callbacks(
     past = [row[monitor] for row in history]
     best = (max if monitor_mode(monitor) == "max" else min)(past) if past else None
     stopping = config.train.early_stopping
+    watched = (stopping.monitor or monitor) if stopping else monitor
     stopper = (
         ResumableEarlyStopping(
             history,
-            monitor=monitor,
-            mode=monitor_mode(monitor),
+            monitor=watched,
+            mode=monitor_mode(watched),
             patience=stopping.patience,
             min_delta=stopping.min_delta,
             # Restored from best.keras after fit instead: exact across a resume.
@@ -249,7 +254,11 @@ def _callbacks(
         "best": BestModel(run_dir / "best.keras", monitor, guard, best),
         "stopper": stopper,
         "state": TrainingState(
-            run_dir / checkpoint.STATE_FILE, guard, config.checkpoint.every_batches, resumed
+            run_dir / checkpoint.STATE_FILE,
+            guard,
+            steps_per_epoch,
+            config.checkpoint.every_batches,
+            resumed,
         ),
     }
     return {name: cb for name, cb in callbacks.items() if cb is not None}
