@@ -107,6 +107,15 @@ def _wait_for_epochs(run_dir, epochs, process, timeout=300):
     raise AssertionError("training did not progress")
 
 
+def _interrupt_after_first_epoch(cli_env, split_npz, run_dir, sig):
+    """Start a run, wait for its first saved epoch, send `sig`, wait for the exit."""
+    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
+    _wait_for_epochs(run_dir, 1, process)
+    process.send_signal(sig)
+    process.communicate(timeout=120)
+    return process
+
+
 def test_two_runs_with_the_same_seed_are_identical(reference_run, run_cli, split_npz, tmp_path):
     again = tmp_path / "again"
     assert run_cli("train", *_args(split_npz), "--run-dir", again).returncode == 0
@@ -168,10 +177,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_the_run_resumes(
 
 def test_resume_can_extend_the_epochs(run_cli, cli_env, split_npz, tmp_path):
     run_dir = tmp_path / "extend"
-    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
-    _wait_for_epochs(run_dir, 1, process)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
+    _interrupt_after_first_epoch(cli_env, split_npz, run_dir, signal.SIGINT)
     result = run_cli("train", "--resume", run_dir, "--set", f"train.epochs={EPOCHS + 1}")
     assert result.returncode == 0, result.stderr
     assert [int(row[0]) for row in _history(run_dir)] == list(range(1, EPOCHS + 2))
@@ -195,10 +201,7 @@ def test_resume_refuses_what_it_cannot_continue(reference_run, run_cli, split_np
 
 def test_resume_refuses_config_changes_other_than_epochs(run_cli, cli_env, split_npz, tmp_path):
     run_dir = tmp_path / "partial"
-    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
-    _wait_for_epochs(run_dir, 1, process)
-    process.kill()
-    process.communicate()
+    _interrupt_after_first_epoch(cli_env, split_npz, run_dir, signal.SIGKILL)
     before = _state(run_dir)
     line = assert_one_line_error(
         run_cli("train", "--resume", run_dir, "--set", "model.units=64"), "model.units"
@@ -216,10 +219,7 @@ def test_resume_refuses_config_changes_other_than_epochs(run_cli, cli_env, split
 
 def test_a_truncated_state_is_refused_and_kept(run_cli, cli_env, split_npz, tmp_path):
     run_dir = tmp_path / "broken"
-    process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
-    _wait_for_epochs(run_dir, 1, process)
-    process.kill()
-    process.communicate()
+    _interrupt_after_first_epoch(cli_env, split_npz, run_dir, signal.SIGKILL)
     data = (run_dir / "state.npz").read_bytes()
     (run_dir / "state.npz").write_bytes(data[: len(data) // 3])
     assert_one_line_error(run_cli("train", "--resume", run_dir), "unreadable training state")
