@@ -297,3 +297,29 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_state(
         assert all(np.isfinite(state[k]).all() for k in state.files if k.startswith("model/0"))
     assert (run_dir / "best.keras").is_file()
     assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_early_stopping_replay_rebuilds_keras_state_from_history():
+    from mnist_mlp import runtime
+
+    runtime.import_tensorflow()
+    import keras
+
+    from mnist_mlp.callbacks import ResumableEarlyStopping
+
+    rows = [{"epoch": e, "val_loss": v} for e, v in enumerate([0.5, 0.4, 0.45, 0.41], 1)]
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+
+    waiting = ResumableEarlyStopping(rows[:3], monitor="val_loss", mode="min", patience=2)
+    waiting.set_model(model)
+    model.stop_training = False
+    waiting.on_train_begin()
+    assert (waiting.best, waiting.wait, model.stop_training) == (0.4, 1, False)
+
+    fired = ResumableEarlyStopping(rows, monitor="val_loss", mode="min", patience=2)
+    fired.set_model(model)
+    fired.on_train_begin()
+    # Epoch 4 was the second without improvement: Keras would have stopped there.
+    assert model.stop_training and fired.stopped_epoch == 3
+    fired.on_train_begin()  # the later fit call must not replay twice
+    assert fired.stopped_epoch == 3 and fired.wait == 2

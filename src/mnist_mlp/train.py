@@ -120,6 +120,13 @@ def train(
     phases = [(epochs_done, epochs_done + 1, skip), (epochs_done + 1, config.train.epochs, 0)]
     if not skip:
         phases = [(epochs_done, config.train.epochs, 0)]
+    if stopper is not None and history:
+        # Replay the finished epochs now: if early stopping had already fired
+        # (killed just after that epoch's save), the run is finished, not resumed.
+        stopper.set_model(model)
+        stopper.on_train_begin()
+        if model.stop_training:
+            phases = []
     started_at = dt.datetime.now(dt.timezone.utc)
     try:
         with runtime.quiet_tensorflow(), signals.handled():
