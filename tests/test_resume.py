@@ -159,7 +159,7 @@ def test_sigkill_twice_then_resume_ends_exactly_like_an_uninterrupted_run(
 def test_ctrl_c_and_sigterm_stop_cleanly_and_the_run_resumes(
     reference_run, run_cli, cli_env, split_npz, tmp_path, sig, code
 ):
-    run_dir = tmp_path / "stopped"
+    run_dir = tmp_path / "stopped run"  # a space: the printed command must quote it
     process = _start(cli_env, *_args(split_npz), "--run-dir", run_dir)
     _wait_for_epochs(run_dir, 1, process)
     process.send_signal(sig)
@@ -167,7 +167,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_the_run_resumes(
     assert process.returncode == code
     assert "Traceback" not in err
     assert err.strip().splitlines() == [
-        f"error: interrupted; resume with: mnist-mlp train --resume {run_dir}"
+        f"error: interrupted; resume with: mnist-mlp train --resume '{run_dir}'"
     ]
     assert not (run_dir / "metrics.json").exists()
     result = run_cli("train", "--resume", run_dir)
@@ -323,3 +323,49 @@ def test_early_stopping_replay_rebuilds_keras_state_from_history():
     assert model.stop_training and fired.stopped_epoch == 3
     fired.on_train_begin()  # the later fit call must not replay twice
     assert fired.stopped_epoch == 3 and fired.wait == 2
+
+
+def test_a_damaged_history_is_refused(run_cli, cli_env, split_npz, tmp_path):
+    run_dir = tmp_path / "damaged"
+    _interrupt_after_first_epoch(cli_env, split_npz, run_dir, signal.SIGKILL)
+    header = (run_dir / "history.csv").read_text().splitlines()[0]
+    (run_dir / "history.csv").write_text(header + "\n")
+    assert_one_line_error(run_cli("train", "--resume", run_dir), "history.csv: damaged")
+    (run_dir / "history.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert_one_line_error(run_cli("train", "--resume", run_dir), "unreadable history")
+
+
+def test_a_run_in_progress_cannot_be_resumed_by_a_second_process(
+    run_cli, cli_env, split_npz, tmp_path
+):
+    run_dir = tmp_path / "busy"
+    args = ["--set", f"data.path={split_npz}", "--set", "train.epochs=60", "--set", "device=cpu"]
+    first = _start(cli_env, *args, "--run-dir", run_dir)
+    try:
+        _wait_for_epochs(run_dir, 1, first)
+        before = (run_dir / "config.yaml").read_text()
+        result = run_cli("train", "--resume", run_dir)
+        assert first.poll() is None, "the first run ended too early for this test"
+        assert_one_line_error(result, "in use by another mnist-mlp process")
+        assert (run_dir / "config.yaml").read_text() == before
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_best_model_uses_early_stoppings_min_delta(tmp_path, monkeypatch):
+    from mnist_mlp import files
+    from mnist_mlp.callbacks import BestModel, NanGuard
+
+    saved = []
+    monkeypatch.setattr(files, "save_model", lambda model, path: saved.append(path))
+    best = BestModel(tmp_path / "best.keras", "val_accuracy", NanGuard(), min_delta=0.01)
+    for epoch, value in enumerate([0.50, 0.505, 0.52, 0.525]):
+        best.on_epoch_end(epoch, {"val_accuracy": value})
+    # 0.505 and 0.525 improve by less than min_delta: Keras's EarlyStopping
+    # would not count them, so best.keras must not either.
+    assert len(saved) == 2 and best.best == 0.52
+    losses = BestModel(tmp_path / "b.keras", "val_loss", NanGuard(), min_delta=0.01)
+    for epoch, value in enumerate([0.5, 0.495, 0.48]):
+        losses.on_epoch_end(epoch, {"val_loss": value})
+    assert len(saved) == 4 and losses.best == 0.48

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import keras
 import numpy as np
 
 from mnist_mlp import checkpoint, files, signals
+from mnist_mlp.errors import CheckpointError
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 
@@ -49,20 +51,29 @@ class EpochLog(keras.callbacks.Callback):
         self.rows.append(row)
         with open(self.path, "a", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow([row[k] for k in HISTORY_COLUMNS])
+            # On disk before the state that follows it, even across a power loss.
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def read_history(path: Path) -> list[dict]:
     """The rows of a history.csv written by EpochLog, as floats (epoch as int)."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            try:
-                rows.append(
-                    {k: (int(row[k]) if k == "epoch" else float(row[k])) for k in HISTORY_COLUMNS}
-                )
-            except (TypeError, ValueError, KeyError):
-                # A row cut short by a crash mid-write; it is past the saved state.
-                break
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    rows.append(
+                        {
+                            k: (int(row[k]) if k == "epoch" else float(row[k]))
+                            for k in HISTORY_COLUMNS
+                        }
+                    )
+                except (TypeError, ValueError, KeyError):
+                    # A row cut short by a crash mid-write; it is past the saved state.
+                    break
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise CheckpointError(f"{path}: unreadable history ({err})") from None
     return rows
 
 
@@ -80,11 +91,13 @@ def monitor_mode(monitor: str) -> str:
 
 
 class NanGuard(keras.callbacks.Callback):
-    """Notes the first batch whose loss is not finite, so nothing is saved after it.
+    """Stops training at the first non-finite loss and keeps the saves from using it.
 
-    Keras's TerminateOnNaN (also in the callback list) stops training, but
-    `on_epoch_end` still runs for the broken epoch; the saving callbacks ask
-    `tripped` first so the last good state and best.keras survive.
+    This is Keras's TerminateOnNaN plus what it lacks: TerminateOnNaN prints
+    batches counted from 0 (and from the resume point after a resume) and
+    `on_epoch_end` still runs for the broken epoch. Here the epoch and batch
+    are kept for the error message, and the saving callbacks ask `tripped`
+    first, so the last good state and best.keras survive.
     """
 
     def __init__(self, offset: int = 0):
@@ -104,10 +117,19 @@ class NanGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if self.where is None and loss is not None and not np.isfinite(loss):
-            self.where = (self._epoch + 1, self.offset + batch + 1)
+            self.trip(self._epoch + 1, self.offset + batch + 1)
 
     def on_epoch_end(self, epoch, logs=None):
         self.offset = 0
+        # The last batch's update can break the weights after its loss was
+        # logged; validation then shows it.
+        values = [v for k, v in (logs or {}).items() if k in ("loss", "val_loss")]
+        if self.where is None and not all(np.isfinite(v) for v in values):
+            self.trip(epoch + 1, None)
+
+    def trip(self, epoch: int, batch: int | None) -> None:
+        self.where = (epoch, batch)
+        self.model.stop_training = True
 
 
 class BestModel(keras.callbacks.Callback):
@@ -118,16 +140,26 @@ class BestModel(keras.callbacks.Callback):
     to a temporary file and renames it. `best` carries the value over a resume.
     """
 
-    def __init__(self, path: Path, monitor: str, guard: NanGuard, best: float | None = None):
+    def __init__(
+        self,
+        path: Path,
+        monitor: str,
+        guard: NanGuard,
+        best: float | None = None,
+        min_delta: float = 0.0,
+    ):
+        """`min_delta` as in EarlyStopping, so both agree on which epoch is best."""
         super().__init__()
         self.path, self.monitor, self.guard, self.best = path, monitor, guard, best
+        # Keras's MonitorCallback rule: improve by more than min_delta.
+        self.delta = abs(min_delta) if monitor_mode(monitor) == "max" else -abs(min_delta)
         self.better = np.greater if monitor_mode(monitor) == "max" else np.less
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get(self.monitor)
         if self.guard.tripped or current is None or not np.isfinite(current):
             return
-        if self.best is None or self.better(current, self.best):
+        if self.best is None or self.better(current - self.delta, self.best):
             self.best = float(current)
             files.save_model(self.model, self.path)
 
@@ -168,7 +200,8 @@ class TrainingState(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._pending_totals:
             for variable in self.model.metrics_variables:
-                variable.assign_add(self._pending_totals[variable.path])
+                if variable.path in self._pending_totals:
+                    variable.assign_add(self._pending_totals[variable.path])
             self._pending_totals = {}
         done = self.offset + batch + 1
         if done >= self.steps_per_epoch:
@@ -190,6 +223,10 @@ class TrainingState(keras.callbacks.Callback):
         signals.check()
 
     def _save(self, progress: checkpoint.Progress) -> None:
+        if not all(np.isfinite(v.numpy()).all() for v in self.model.trainable_variables):
+            # An update went to NaN/inf after the last finite loss: keep the old state.
+            self.guard.trip(progress.epochs_done + 1, progress.batches_done or None)
+            return
         checkpoint.save_state(self.model, self.path, progress)
         self.saved = progress
 

@@ -8,6 +8,7 @@ training failed, 2 bad input of any kind, 130 Ctrl-C, 143 SIGTERM.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -92,8 +93,15 @@ def train(
     else:
         config = load_config(config_path, overrides)
         target = Path(run_dir) if run_dir else default_run_dir(config_name(config_path))
+    from mnist_mlp.signals import StopRequested
     from mnist_mlp.train import train as run_training
 
+    def stop_now(signum, frame):
+        # Before and after the fit, SIGTERM stops at once, like Ctrl-C does;
+        # during it, signals.handled() defers both to the next batch end.
+        raise StopRequested(signum)
+
+    signal.signal(signal.SIGTERM, stop_now)
     progress = 1 if sys.stdout.isatty() else 2
     try:
         result = run_training(
@@ -103,7 +111,8 @@ def train(
         terminated = getattr(interrupt, "signum", None) == signal.SIGTERM
         code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
         if (target / STATE_FILE).is_file():
-            _fail(f"interrupted; resume with: mnist-mlp train --resume {target}", code)
+            resume = f"mnist-mlp train --resume {shlex.quote(str(target))}"
+            _fail(f"interrupted; resume with: {resume}", code)
         _fail("interrupted before the first epoch ended; nothing was saved to resume", code)
     m = result.metrics
     train_score, test_score = m["final"]["train"], m["final"]["test"]

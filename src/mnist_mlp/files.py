@@ -28,6 +28,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        # The rename itself must reach the disk too, or a power loss can undo it.
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except OSError as err:
         raise RunDirError(f"cannot write {path}: {err.strerror or err}") from None
     finally:

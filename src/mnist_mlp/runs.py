@@ -75,6 +75,29 @@ def claim_run_dir(path: Path) -> None:
         raise RunDirError(f"cannot create run directory {path}: {err.strerror}") from None
 
 
+def lock_run_dir(path: Path) -> int:
+    """Hold an exclusive lock on the run folder while this process trains in it.
+
+    Two processes resuming the same run would write over each other's state.
+    The lock is on the folder itself (no lock file to clean up) and goes with
+    the process, however it ends.
+
+    Returns:
+        The folder's descriptor; os.close() it (or exit) to release the lock.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(
+            f"{path} is in use by another mnist-mlp process; wait for it to finish or stop it"
+        ) from None
+    return fd
+
+
 def resume_config(run_dir: Path, config_path: str | None, overrides: tuple[str, ...]) -> Config:
     """The config to resume `run_dir` with: its own, plus the changes that are safe.
 

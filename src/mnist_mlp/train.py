@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_mlp import checkpoint, files, runs, runtime, signals
 from mnist_mlp.config import Config, to_yaml
-from mnist_mlp.errors import ConfigError, RunDirError, TrainingError
+from mnist_mlp.errors import CheckpointError, ConfigError, RunDirError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,16 @@ def train(
         resumed = checkpoint.load_state(model, run_dir / checkpoint.STATE_FILE)
         epochs_done = resumed.epochs_done
         history = [r for r in read_history(run_dir / "history.csv") if r["epoch"] <= epochs_done]
-        if epochs_done > config.train.epochs:
+        if [r["epoch"] for r in history] != list(range(1, epochs_done + 1)):
+            raise CheckpointError(
+                f"{run_dir / 'history.csv'}: damaged, it lacks rows of the {epochs_done} epochs "
+                "the saved state has done; the run cannot be resumed exactly"
+            )
+        needed = epochs_done + (1 if resumed.batches_done else 0)
+        if needed > config.train.epochs:
             raise ConfigError(
-                f"--resume {run_dir}: {epochs_done} epochs are already done, more than "
-                f"train.epochs={config.train.epochs}; give --set train.epochs={epochs_done} or more"
+                f"--resume {run_dir}: the run is already in epoch {needed}, past "
+                f"train.epochs={config.train.epochs}; give --set train.epochs={needed} or more"
             )
         # All epochs done but killed before the final files: fit runs no epoch
         # and the run is finished below.
@@ -107,6 +114,7 @@ def train(
         report(f"resuming after epoch {epochs_done}{where} of {config.train.epochs}")
     else:
         runs.claim_run_dir(run_dir)
+    lock = runs.lock_run_dir(run_dir)
     files.write_text(run_dir / "config.yaml", to_yaml(config))
     report(f"run directory: {run_dir}")
 
@@ -148,6 +156,7 @@ def train(
                 )
         if guard.tripped:
             epoch, batch = guard.where
+            where = f"epoch {epoch}, batch {batch}" if batch else f"epoch {epoch}"
             kept = state.saved
             saved = (
                 f"the state after epoch {kept.epochs_done}"
@@ -157,12 +166,13 @@ def train(
                 else "nothing was saved"
             )
             raise TrainingError(
-                f"the loss became NaN or infinite in epoch {epoch}, batch {batch}; training "
+                f"the loss became NaN or infinite in {where}; training "
                 f"stopped and {saved} in {run_dir}; lower train.learning_rate and start a new run"
             )
         stopped = stopper is not None and stopper.stopped_epoch > 0
-        if stopped and config.train.early_stopping.restore_best_weights:
-            best = keras.saving.load_model(run_dir / "best.keras", compile=False)
+        best_file = run_dir / "best.keras"
+        if stopped and config.train.early_stopping.restore_best_weights and best_file.is_file():
+            best = keras.saving.load_model(best_file, compile=False)
             model.set_weights(best.get_weights())
         files.save_model(model, run_dir / "model.keras")
         train_score = score(model, x_fit, y_fit)
@@ -209,6 +219,7 @@ def train(
         },
     }
     files.write_json(run_dir / "metrics.json", metrics)
+    os.close(lock)
     return TrainResult(run_dir=run_dir, device=device, history=rows, metrics=metrics)
 
 
@@ -224,7 +235,6 @@ def _callbacks(
     The history row is written first and the training state last, so a saved
     state at epoch N implies history.csv and best.keras are complete up to N.
     """
-    import keras
 
     from mnist_mlp.callbacks import (
         BestModel,
@@ -256,9 +266,10 @@ def _callbacks(
     )
     callbacks = {
         "guard": guard,
-        "nan": keras.callbacks.TerminateOnNaN(),
         "log": EpochLog(run_dir / "history.csv", history),
-        "best": BestModel(run_dir / "best.keras", monitor, guard, best),
+        "best": BestModel(
+            run_dir / "best.keras", monitor, guard, best, stopping.min_delta if stopping else 0.0
+        ),
         "stopper": stopper,
         "state": TrainingState(
             run_dir / checkpoint.STATE_FILE,
