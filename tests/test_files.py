@@ -47,3 +47,17 @@ def test_a_class_absent_from_the_split_has_no_accuracy():
     )
     assert score.per_class[1].accuracy is None
     assert json.loads(files.to_json(score.as_dict()))["per_class"][1]["accuracy"] is None
+
+
+def test_tensorflow_failures_become_one_line_with_the_hint():
+    import tensorflow as tf
+
+    from mnist_mlp.errors import TrainingError
+
+    err = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor\n  at ...")
+    message = str(TrainingError.from_op_error(err, "lower train.batch_size"))
+    assert message == (
+        "TensorFlow failed: ResourceExhaustedError: OOM when allocating tensor; "
+        "lower train.batch_size"
+    )
+    assert TrainingError.exit_code == 1

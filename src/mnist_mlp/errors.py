@@ -1,5 +1,7 @@
 """The one error family the core raises; the CLI turns each into one stderr line."""
 
+from __future__ import annotations
+
 
 class MnistMlpError(Exception):
     """Base class: a problem the user can fix (bad config, data, checkpoint, device).
@@ -35,6 +37,12 @@ class TrainingError(MnistMlpError):
     """Training failed (NaN loss, out of memory): the input was fine, the run was not."""
 
     exit_code = 1
+
+    @classmethod
+    def from_op_error(cls, err, hint: str = "") -> TrainingError:
+        """One line from a tf.errors.OpError, whose message runs over many lines."""
+        first = (err.message.splitlines() or [""])[0][:200]
+        return cls(f"TensorFlow failed: {type(err).__name__}: {first}{'; ' + hint if hint else ''}")
 
 
 class RunDirError(MnistMlpError):

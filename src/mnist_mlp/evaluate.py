@@ -141,7 +141,5 @@ def evaluate(checkpoint: str | Path, data: DataConfig, device: str = "auto") -> 
     try:
         result = score(model, x, y)
     except tf.errors.OpError as err:
-        raise TrainingError(
-            f"TensorFlow failed: {type(err).__name__}: {err.message.splitlines()[0][:200]}"
-        ) from None
+        raise TrainingError.from_op_error(err) from None
     return EvalReport(checkpoint=str(checkpoint), data=dataset.describe(), score=result)

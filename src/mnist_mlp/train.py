@@ -180,9 +180,8 @@ def train(
     except OSError as err:  # history.csv could not be appended (disk full, removed)
         raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
     except tf.errors.OpError as err:
-        raise TrainingError(
-            f"TensorFlow failed: {type(err).__name__}: {err.message.splitlines()[0][:200]}; "
-            "if it ran out of memory, lower train.batch_size or model.units"
+        raise TrainingError.from_op_error(
+            err, "if it ran out of memory, lower train.batch_size or model.units"
         ) from None
 
     rows = epoch_log.rows
