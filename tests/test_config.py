@@ -238,6 +238,7 @@ _SECTION_KEYS = {
         "epoch",
     ],
     "checkpoint": ["monitor", "every_batches", "every"],
+    "logging": ["tensorboard", "tensorbord"],
 }
 _values = st.one_of(
     st.none(),

@@ -109,6 +109,14 @@ class CheckpointConfig(_Section):
     every_batches: int | None = Field(None, ge=1)
 
 
+class LoggingConfig(_Section):
+    """What a run records for watching it, besides history.csv and curves.png."""
+
+    # Keras's TensorBoard callback writes event files to <run>/tensorboard
+    # (view with `tensorboard --logdir runs`; needs pip install "mnist-mlp[tensorboard]").
+    tensorboard: bool = False
+
+
 class Config(_Section):
     """The whole resolved configuration of a run."""
 
@@ -120,6 +128,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _best_weights_come_from_best_keras(self) -> Config:
