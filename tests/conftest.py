@@ -125,6 +125,27 @@ def run_cli(cli_env):
     return run
 
 
+EPOCHS = 3
+
+
+@pytest.fixture(scope="session")
+def trained_run(run_cli, split_idx_dir, tmp_path_factory):
+    """One real run: 3 epochs on the 8,000/2,000 split, read from gzipped IDX files.
+
+    Returns the run folder, the finished CompletedProcess and the config it used.
+    """
+    from mnist_mlp.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("runs") / "quick-run"
+    overrides = [f"train.epochs={EPOCHS}", "device=cpu", f"data.path={split_idx_dir}"]
+    args = ["train", "--config", CONFIGS / "quick.yaml", "--run-dir", run_dir]
+    for override in overrides:
+        args += ["--set", override]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    return run_dir, result, load_config(CONFIGS / "quick.yaml", overrides)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 2):
     """The CLI's contract for bad input: exit code, one stderr line, no traceback."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]

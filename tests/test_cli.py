@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import CONFIGS, assert_one_line_error
+from conftest import CONFIGS, ROOT, assert_one_line_error
 
 from mnist_mlp import __version__
 from mnist_mlp.config import load_config, validate
@@ -20,8 +20,9 @@ def test_help_version_and_config_errors_do_not_import_tensorflow():
     code = r"""
 import sys
 from mnist_mlp.cli import main
-for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"],
-             ["install-check", "--help"], ["config", "show", "--help"], ["--version"],
+for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"],
+             ["export", "--help"], ["install-check", "--help"], ["config", "show", "--help"],
+             ["--version"], ["train", "--quiet", "--verbose"],
              ["train", "--set", "train.epochs=0"], ["train", "--config", "missing.yaml"],
              ["config", "show", "--set", "model.units=32"]):
     try:
@@ -29,10 +30,20 @@ for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"],
     except SystemExit:
         pass
 heavy = sorted(m for m in ("tensorflow", "keras", "numpy") if m in sys.modules)
+# export checks its output path before loading TensorFlow (numpy is fine there).
+try:
+    main(["export", "--checkpoint", "m.keras", "--format", "onnx", "--output", "README.md"])
+except SystemExit:
+    pass
+heavy += sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
 print("IMPORTED=" + ",".join(heavy), file=sys.stderr)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.stderr.splitlines()[-1] == "IMPORTED=", result.stderr
+    assert "error: README.md already exists" in result.stderr  # refused before TensorFlow
+    assert "error: --quiet and --verbose contradict" in result.stderr
     assert "Commands:" in result.stdout and "install-check" in result.stdout
     assert "error: --set: train.epochs: got 0" in result.stderr  # the config error was answered
 
@@ -43,7 +54,9 @@ def test_version(run_cli):
     assert __version__ in result.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "install-check", "config"])
+@pytest.mark.parametrize(
+    "command", ["train", "evaluate", "predict", "export", "install-check", "config"]
+)
 def test_each_command_has_help(run_cli, command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "Usage: mnist-mlp" in result.stdout
@@ -69,6 +82,12 @@ def test_config_show_prints_the_resolved_config(run_cli):
         (["train", "--config", str(CONFIGS)], ["is a directory"]),
         (["evaluate"], ["Missing option '--checkpoint'"]),
         (["install-check", "--cuda"], ["No such option", "--cuda"]),
+        (["predict", "--checkpoint", "m.keras"], ["Missing argument 'INPUT...'"]),
+        (["export", "--checkpoint", "m.keras", "--output", "x"], ["Missing option '--format'"]),
+        (
+            ["export", "--checkpoint", "m.keras", "--format", "pb", "--output", "x"],
+            ["'pb' is not one of", "savedmodel"],
+        ),
         (["config", "show", "--set", "data.path="], ["empty value"]),
     ],
 )

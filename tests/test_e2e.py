@@ -9,28 +9,29 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import CONFIGS, FASHION, assert_one_line_error, needs_fashion, needs_t10k
+from conftest import (
+    CONFIGS,
+    EPOCHS,
+    FASHION,
+    assert_one_line_error,
+    needs_fashion,
+    needs_t10k,
+)
 
 from mnist_mlp.callbacks import HISTORY_COLUMNS
-from mnist_mlp.config import load_config, validate
+from mnist_mlp.config import validate
 
 pytestmark = needs_t10k
 
-EPOCHS = 3
-RUN_FILES = {"model.keras", "best.keras", "state.npz", "config.yaml", "history.csv", "metrics.json"}
-
-
-@pytest.fixture(scope="module")
-def trained_run(run_cli, split_idx_dir, tmp_path_factory):
-    """One real run: 3 epochs on the 8,000/2,000 split, read from gzipped IDX files."""
-    run_dir = tmp_path_factory.mktemp("runs") / "quick-run"
-    overrides = [f"train.epochs={EPOCHS}", "device=cpu", f"data.path={split_idx_dir}"]
-    args = ["train", "--config", CONFIGS / "quick.yaml", "--run-dir", run_dir]
-    for override in overrides:
-        args += ["--set", override]
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr
-    return run_dir, result, load_config(CONFIGS / "quick.yaml", overrides)
+RUN_FILES = {
+    "model.keras",
+    "best.keras",
+    "state.npz",
+    "config.yaml",
+    "history.csv",
+    "metrics.json",
+    "curves.png",
+}
 
 
 def _sha(path):
@@ -134,9 +135,12 @@ def test_evaluate_on_the_same_digits_from_npz_agrees(trained_run, run_cli, split
     result = run_cli("evaluate", "--checkpoint", run_dir / "model.keras", "--data-path", split_npz)
     assert result.returncode == 0, result.stderr
     assert f"({metrics['correct']:,}/2,000)" in result.stdout
-    table = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
-    assert [int(row[0]) for row in table] == list(range(10))
-    assert sum(int(row[2]) for row in table) == metrics["correct"]
+    lines = result.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("true ")))
+    matrix = [[int(v.replace(",", "")) for v in line.split()[1:]] for line in lines[start + 1 :]]
+    # The printed matrix (10 columns plus row totals) is the run's, read back.
+    assert [row[:10] for row in matrix] == metrics["confusion_matrix"]
+    assert [row[10] for row in matrix] == [c["total"] for c in metrics["per_class"]]
 
 
 def test_an_existing_run_directory_is_refused_and_untouched(trained_run, run_cli, split_npz):

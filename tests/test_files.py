@@ -39,16 +39,6 @@ def test_json_turns_non_finite_numbers_into_null():
     assert "NaN" not in text and "Infinity" not in text
 
 
-def test_a_class_absent_from_the_split_has_no_accuracy():
-    from mnist_mlp.evaluate import ClassScore, Score
-
-    score = Score(
-        loss=0.1, correct=3, total=4, per_class=(ClassScore(0, 3, 4), ClassScore(1, 0, 0))
-    )
-    assert score.per_class[1].accuracy is None
-    assert json.loads(files.to_json(score.as_dict()))["per_class"][1]["accuracy"] is None
-
-
 def test_tensorflow_failures_become_one_line_with_the_hint():
     import tensorflow as tf
 

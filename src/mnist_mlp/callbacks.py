@@ -56,6 +56,32 @@ class EpochLog(keras.callbacks.Callback):
             os.fsync(handle.fileno())
 
 
+class EpochSummary(keras.callbacks.Callback):
+    """One line per epoch through `report`: history.csv's numbers, readable.
+
+    Runs after EpochLog, which puts the epoch's `seconds` into the logs, and
+    after the progress bar, so in a terminal the line follows the finished bar.
+    """
+
+    def __init__(self, report, epochs: int):
+        """Args: report: receives each line; epochs: the run's train.epochs, for `3/10`."""
+        super().__init__()
+        self.report = report
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.report(epoch_line(epoch + 1, self.epochs, logs or {}))
+
+
+def epoch_line(epoch: int, epochs: int, logs: dict) -> str:
+    """`epoch  3/10  loss 0.2345  accuracy 0.9123  val_loss ...  5.2 s`; no control characters."""
+    numbers = "  ".join(
+        f"{name} {float(logs[name]):.4f}" for name in HISTORY_COLUMNS[1:-1] if name in logs
+    )
+    seconds = f"  {float(logs['seconds']):.1f} s" if "seconds" in logs else ""
+    return f"epoch {epoch:>{len(str(epochs))}}/{epochs}  {numbers}{seconds}"
+
+
 def read_history(path: Path) -> list[dict]:
     """The rows of a history.csv written by EpochLog, as floats (epoch as int)."""
     rows = []

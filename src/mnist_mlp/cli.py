@@ -32,6 +32,14 @@ _set_option = click.option(
 )
 
 
+_checkpoint_option = click.option(
+    "--checkpoint",
+    required=True,
+    metavar="MODEL",
+    help="A saved model, e.g. runs/<run>/model.keras.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="mnist-mlp")
 def cli() -> None:
@@ -42,6 +50,8 @@ def cli() -> None:
       mnist-mlp install-check
       mnist-mlp train --config configs/quick.yaml
       mnist-mlp evaluate --checkpoint runs/<run>/model.keras
+      mnist-mlp predict --checkpoint runs/<run>/model.keras my-digit.png
+      mnist-mlp export --checkpoint runs/<run>/model.keras --format onnx --output model.onnx
     """
 
 
@@ -66,24 +76,38 @@ def cli() -> None:
     help="Continue an interrupted run from its last saved epoch, with its own config "
     "(only --set train.epochs=N may change, to extend it).",
 )
+@click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
+@click.option("--verbose", "-v", is_flag=True, help="Also show TensorFlow's own log lines.")
 def train(
     config_path: str | None,
     overrides: tuple[str, ...],
     run_dir: str | None,
     resume_dir: str | None,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
     """Train the network and write a run directory.
 
     The run directory holds model.keras (final model), best.keras (best epoch
     by checkpoint.monitor), config.yaml (the resolved config), history.csv (one
-    row per epoch), metrics.json (final scores, device, versions, timings) and
-    state.npz (the training state saved after every epoch, for --resume).
+    row per epoch), curves.png (loss and accuracy per epoch), metrics.json
+    (final scores, device, versions, timings), state.npz (the training state
+    saved after every epoch, for --resume) and, with logging.tensorboard,
+    tensorboard/ (view with: tensorboard --logdir runs).
+
+    In a terminal each epoch shows Keras's progress bar and then one summary
+    line; otherwise (a pipe, a log file) only the summary line.
 
     Ctrl-C or SIGTERM stops after the current batch; the run keeps its last
     finished epoch and can be continued with --resume.
     """
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose contradict each other; give one of them")
+    from mnist_mlp import runtime
     from mnist_mlp.config import config_name, load_config
     from mnist_mlp.runs import STATE_FILE, default_run_dir, resume_config
+
+    runtime.set_verbose(verbose)
 
     if resume_dir is not None:
         if run_dir is not None:
@@ -102,10 +126,14 @@ def train(
         raise StopRequested(signum)
 
     signal.signal(signal.SIGTERM, stop_now)
-    progress = 1 if sys.stdout.isatty() else 2
     try:
         result = run_training(
-            config, target, report=click.echo, progress=progress, resume=resume_dir is not None
+            config,
+            target,
+            report=(lambda line: None) if quiet else click.echo,
+            # The bar redraws itself with control characters: terminals only.
+            progress_bar=sys.stdout.isatty() and not quiet,
+            resume=resume_dir is not None,
         )
     except KeyboardInterrupt as interrupt:
         terminated = getattr(interrupt, "signum", None) == signal.SIGTERM
@@ -117,8 +145,9 @@ def train(
     m = result.metrics
     train_score, test_score = m["final"]["train"], m["final"]["test"]
     seconds = m["seconds"]
+    epochs = f"{m['epochs']} epoch{'s' if m['epochs'] != 1 else ''}"
     click.echo(
-        f"finished {m['epochs']} epochs in {seconds['total']:.1f} s "
+        f"finished {epochs} in {seconds['total']:.1f} s "
         f"({seconds['mean_per_epoch']:.2f} s/epoch) on {result.device.description}"
     )
     click.echo(f"  train  loss {train_score['loss']:.4f}  accuracy {train_score['accuracy']:.4f}")
@@ -126,16 +155,21 @@ def train(
         f"  test   loss {test_score['loss']:.4f}  accuracy {test_score['accuracy']:.4f}"
         f"  ({test_score['correct']:,}/{test_score['total']:,})"
     )
-    click.echo(f"wrote {result.run_dir}/ (model.keras, best.keras, metrics.json, history.csv, ...)")
+    click.echo(
+        f"wrote {result.run_dir}/ (model.keras, best.keras, metrics.json, history.csv, "
+        "curves.png, ...)"
+    )
     click.echo(f"evaluate with: mnist-mlp evaluate --checkpoint {result.run_dir / 'model.keras'}")
 
 
 @cli.command()
 @click.option(
     "--checkpoint",
+    "checkpoints",
     required=True,
+    multiple=True,
     metavar="MODEL",
-    help="A saved model, e.g. runs/<run>/model.keras.",
+    help="A saved model, e.g. runs/<run>/model.keras; repeat to compare models side by side.",
 )
 @click.option("--config", "config_path", metavar="FILE", help="Evaluate on this config's data.")
 @click.option(
@@ -149,49 +183,164 @@ def train(
     help="Device to score on (default: the config's, else auto).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@click.option(
+    "--output",
+    metavar="DIR",
+    help="Also write report.json, confusion_matrix.png and mistakes.png here "
+    "(one subfolder per checkpoint when comparing); existing reports are not overwritten.",
+)
 def evaluate(
-    checkpoint: str,
+    checkpoints: tuple[str, ...],
     config_path: str | None,
     data_path: str | None,
     device: str | None,
     as_json: bool,
+    output: str | None,
 ) -> None:
-    """Score a saved model on a test set: loss, accuracy, per-class accuracy.
+    """Score saved models on a test set: loss, accuracy, per-class precision, recall
+    and F1, and the confusion matrix.
 
     The data is, in order: --config's, --data-path, the config.yaml of the run
-    the checkpoint belongs to, or else MNIST downloaded through Keras.
+    the checkpoint belongs to, or else MNIST downloaded through Keras. Models
+    compared with several --checkpoint options are scored on the same images.
     """
     if config_path is not None and data_path is not None:
         raise click.UsageError("--config and --data-path both name the data; give one of them")
     from mnist_mlp.config import Config, load_config, validate
     from mnist_mlp.evaluate import evaluate as run_evaluation
     from mnist_mlp.files import to_json
+    from mnist_mlp.formatting import comparison_lines, evaluation_lines
 
-    run_config = Path(checkpoint).parent / "config.yaml"
+    run_configs = [Path(c).parent / "config.yaml" for c in checkpoints]
+    from_run = None
     if config_path is not None:
         config = load_config(config_path)
     elif data_path is not None:
         config = validate({"data": {"path": data_path}}, "--data-path")
-    elif run_config.is_file():
-        config = load_config(run_config)
     else:
-        config = Config()
-    report = run_evaluation(checkpoint, config.data, device=device or config.device)
+        found = {str(p): load_config(p) for p in run_configs if p.is_file()}
+        datas = {c.data for c in found.values()}
+        if len(datas) > 1:
+            raise click.UsageError(
+                "the checkpoints' runs were trained on different data ("
+                + ", ".join(found)
+                + "); give --data-path or --config to compare them on one test set"
+            )
+        config = next(iter(found.values())) if found else Config()
+        from_run = next(iter(found)) if found else None
+    reports = run_evaluation(
+        list(checkpoints), config.data, device=device or config.device, output=output
+    )
     if as_json:
-        click.echo(to_json(report.as_dict()))
+        documents = [r.as_dict() for r in reports]
+        click.echo(to_json(documents[0] if len(documents) == 1 else {"reports": documents}))
         return
-    s = report.score
-    click.echo(f"checkpoint  {report.checkpoint}")
-    click.echo(f"data        {report.data}")
-    if config_path is None and data_path is None and run_config.is_file():
-        click.echo(f"            (the data of {run_config})")
-    click.echo(f"loss        {s.loss:.4f}")
-    click.echo(f"accuracy    {s.accuracy:.4f}  ({s.correct:,}/{s.total:,})")
-    click.echo("")
-    click.echo("class  accuracy  correct  total")
-    for c in s.per_class:
-        accuracy = f"{c.accuracy:>8.4f}" if c.accuracy is not None else f"{'-':>8}"
-        click.echo(f"{c.label:>5}  {accuracy}  {c.correct:>7,}  {c.total:>5,}")
+    lines = evaluation_lines(reports[0]) if len(reports) == 1 else comparison_lines(reports)
+    for line in lines:
+        click.echo(line)
+        if from_run and line.startswith("data "):
+            click.echo(f"            (the data of {from_run})")
+    if output is not None:
+        click.echo(f"\nwrote report.json, confusion_matrix.png and mistakes.png to {output}")
+
+
+@cli.command()
+@_checkpoint_option
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Device to predict on.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print results and errors as one JSON document."
+)
+def predict(checkpoint: str, inputs: tuple[str, ...], device: str, as_json: bool) -> None:
+    """Classify handwritten digits in image files and .npy arrays.
+
+    Images (PNG, JPEG, ...) may have any size and either polarity (dark ink on
+    light paper or light on dark); each is cut to its digit, fitted into 20x20
+    and centred by its centre of mass in 28x28, as MNIST was made. A .npy array
+    holds one digit (28, 28) or many, (N, 28, 28) or (N, 784): integers 0..255
+    or floats in [0, 1], used as they are. Prints the digit and the top three
+    probabilities per input. An input that cannot be read is one line on stderr;
+    the others are still classified, and the exit status is then 2.
+    """
+    from mnist_mlp.files import to_json
+    from mnist_mlp.predict import classify
+
+    result = classify(checkpoint, inputs, device=device)
+    if as_json:
+        click.echo(to_json(result.as_dict()))
+    else:
+        width = max((len(p.name) for p in result.predictions), default=0)
+        for p in result.predictions:
+            guesses = ", ".join(f"{digit} {probability:.3f}" for digit, probability in p.top)
+            click.echo(f"{p.name:<{width}}  {p.digit}   ({guesses})")
+    for _, message in result.errors:
+        click.echo(f"error: {message}", err=True)
+    if result.errors:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@cli.command("export")
+@_checkpoint_option
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(["savedmodel", "tflite", "onnx"]),
+    help="savedmodel (a folder, TensorFlow Serving), tflite (a file, LiteRT) or onnx "
+    '(a file; needs pip install "mnist-mlp[onnx]").',
+)
+@click.option("--output", required=True, metavar="PATH", help="Where to write it; must not exist.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Device to load the model on (the check itself runs on the CPU).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@click.option("--verbose", "-v", is_flag=True, help="Show what the converters print.")
+def export_command(
+    checkpoint: str, fmt: str, output: str, device: str, as_json: bool, verbose: bool
+) -> None:
+    """Export a saved model for serving, then check it computes what the Keras model does.
+
+    The export is Keras's Model.export. The exported model is then run with its
+    own runtime (TensorFlow, LiteRT, onnxruntime) on 100 fixed inputs and
+    compared with Keras; a difference over 1e-5 is an error (exit 1) and
+    nothing is written. An existing PATH is never overwritten.
+    """
+    from mnist_mlp import runtime
+    from mnist_mlp.export import export_model
+    from mnist_mlp.files import to_json
+
+    runtime.set_verbose(verbose)
+    result = export_model(checkpoint, fmt, output, device=device, quiet=not verbose)
+    if as_json:
+        click.echo(to_json(result.as_dict()))
+        return
+    click.echo(f"exported {result.format} to {result.output} ({_size_text(result.size_bytes)})")
+    if result.max_abs_diff is None:
+        click.echo(f"not checked: {result.not_verified_reason}")
+    else:
+        click.echo(
+            f"checked with {result.verified_with} on {result.samples_compared} inputs: "
+            f"max |difference| to Keras {result.max_abs_diff:.1e} "
+            f"(tolerance {result.tolerance:.0e})"
+        )
+
+
+def _size_text(size: float) -> str:
+    for unit in ("bytes", "kB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} MB"
 
 
 @cli.command("install-check")
@@ -278,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(err), err.exit_code)
     except click.UsageError as err:
         where = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
-        _fail(f"{err.format_message()}{where}", EXIT_BAD_INPUT)
+        # Click lists choices over several lines ("Choose from:\n\tcpu,\n\tgpu"): one line.
+        _fail(f"{' '.join(err.format_message().split())}{where}", EXIT_BAD_INPUT)
     except click.ClickException as err:
         _fail(err.format_message(), err.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):

@@ -13,40 +13,103 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlp import runtime
+from mnist_mlp import files, runtime
 from mnist_mlp.config import DataConfig
 from mnist_mlp.data import INPUT_DIM, NUM_CLASSES, load_dataset, preprocess
-from mnist_mlp.errors import CheckpointError, TrainingError
+from mnist_mlp.errors import CheckpointError, RunDirError, TrainingError
 
 # Fixed, not the run's batch size: prediction results must not depend on
 # which command computed them.
 EVAL_BATCH_SIZE = 1000
 
 
+# How many of the most confidently wrong images a report keeps (mistakes.png is 5x5).
+MISTAKES_KEPT = 25
+
+
 @dataclass(frozen=True)
 class ClassScore:
+    """One class's row and column of the confusion matrix."""
+
     label: int
-    correct: int
-    total: int
+    correct: int  # images of this class predicted as it (true positives)
+    total: int  # images of this class (support)
+    predicted: int  # images predicted as this class, right or wrong
 
     @property
     def accuracy(self) -> float | None:
-        """None when the split has no images of this class."""
+        """The fraction of this class's images classified right: its recall.
+
+        None when the split has no images of this class.
+        """
         return self.correct / self.total if self.total else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.accuracy
+
+    @property
+    def precision(self) -> float | None:
+        """None when nothing was predicted as this class (scikit-learn would say 0, and warn)."""
+        return self.correct / self.predicted if self.predicted else None
+
+    @property
+    def f1(self) -> float | None:
+        p, r = self.precision, self.recall
+        if p is None or r is None:
+            return None
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {
+            "accuracy": self.accuracy,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+        }
 
 
 @dataclass(frozen=True)
 class Score:
-    """Loss, accuracy and per-class accuracy of a model on one split."""
+    """Loss and confusion matrix of a model on one split, and what follows from them."""
 
     loss: float
-    correct: int
-    total: int
-    per_class: tuple[ClassScore, ...]
+    # confusion[true][predicted]: counts, rows are the labels, columns the predictions.
+    confusion: tuple[tuple[int, ...], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(map(sum, self.confusion))
+
+    @property
+    def correct(self) -> int:
+        return sum(self.confusion[c][c] for c in range(len(self.confusion)))
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total
+
+    @property
+    def per_class(self) -> tuple[ClassScore, ...]:
+        m = self.confusion
+        return tuple(
+            ClassScore(
+                label=c,
+                correct=m[c][c],
+                total=sum(m[c]),
+                predicted=sum(row[c] for row in m),
+            )
+            for c in range(len(m))
+        )
+
+    def macro_average(self) -> dict[str, float | None]:
+        """Unweighted means over the classes that have a value (as scikit-learn's 'macro')."""
+        result = {}
+        for name in ("precision", "recall", "f1"):
+            values = [getattr(c, name) for c in self.per_class]
+            values = [v for v in values if v is not None]
+            result[name] = sum(values) / len(values) if values else None
+        return result
 
     def as_dict(self) -> dict:
         return {
@@ -54,8 +117,20 @@ class Score:
             "accuracy": self.accuracy,
             "correct": self.correct,
             "total": self.total,
-            "per_class": [asdict(c) | {"accuracy": c.accuracy} for c in self.per_class],
+            "per_class": [c.as_dict() for c in self.per_class],
+            "macro_average": self.macro_average(),
+            "confusion_matrix": [list(row) for row in self.confusion],
         }
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A test image the model got wrong: its index in the split, label, guess and confidence."""
+
+    index: int
+    label: int
+    predicted: int
+    probability: float
 
 
 @dataclass(frozen=True)
@@ -63,28 +138,59 @@ class EvalReport:
     checkpoint: str
     data: str
     score: Score
+    # The most confidently wrong images, most confident first.
+    mistakes: tuple[Mistake, ...] = ()
 
     def as_dict(self) -> dict:
-        return {"checkpoint": self.checkpoint, "data": self.data} | self.score.as_dict()
+        return (
+            {"checkpoint": self.checkpoint, "data": self.data}
+            | self.score.as_dict()
+            | {"mistakes": [asdict(m) for m in self.mistakes]}
+        )
 
 
 def score(model, x: np.ndarray, y: np.ndarray) -> Score:
     """Score `model` on preprocessed inputs `x` (N, 784) and one-hot targets `y` (N, 10)."""
+    return score_probabilities(model.predict(x, batch_size=EVAL_BATCH_SIZE, verbose=0), y)
+
+
+def score_probabilities(probabilities: np.ndarray, y: np.ndarray) -> Score:
+    """The Score of predicted class probabilities (N, 10) against one-hot targets (N, 10)."""
     import keras
 
-    probabilities = model.predict(x, batch_size=EVAL_BATCH_SIZE, verbose=0)
     loss = float(
         keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(y, probabilities))
         .astype("float64")
         .mean()
     )
     labels = y.argmax(axis=1)
-    hits = probabilities.argmax(axis=1) == labels
-    per_class = tuple(
-        ClassScore(label=c, correct=int(hits[labels == c].sum()), total=int((labels == c).sum()))
-        for c in range(NUM_CLASSES)
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    return Score(loss=loss, confusion=tuple(tuple(int(v) for v in row) for row in confusion))
+
+
+def most_confident_mistakes(
+    probabilities: np.ndarray, labels: np.ndarray, count: int = MISTAKES_KEPT
+) -> tuple[Mistake, ...]:
+    """The `count` wrongly classified images whose wrong guess had the highest probability.
+
+    Ties are broken by the lower index, so the choice is the same on every run.
+    """
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    # lexsort's last key is the primary one: confidence descending, then index.
+    order = wrong[np.lexsort((wrong, -confidence[wrong]))][:count]
+    return tuple(
+        Mistake(
+            index=int(i),
+            label=int(labels[i]),
+            predicted=int(predicted[i]),
+            probability=float(confidence[i]),
+        )
+        for i in order
     )
-    return Score(loss=loss, correct=int(hits.sum()), total=len(labels), per_class=per_class)
 
 
 def load_checkpoint(path: str | Path):
@@ -131,15 +237,97 @@ def load_checkpoint(path: str | Path):
     return model
 
 
-def evaluate(checkpoint: str | Path, data: DataConfig, device: str = "auto") -> EvalReport:
-    """Score a saved model on the test split of `data`, on `device` (auto, cpu, gpu)."""
+REPORT_FILES = ("report.json", "confusion_matrix.png", "mistakes.png")
+
+
+def output_folders(output: str | Path, checkpoints: list[str]) -> list[Path]:
+    """Where each checkpoint's report files go: `output` itself, or one subfolder each.
+
+    Raises:
+        RunDirError: `output` is a file, or a report file is already there
+            (reports are never overwritten).
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise RunDirError(f"--output {output}: is a file; give a folder for the report files")
+    if len(checkpoints) == 1:
+        folders = [output]
+    else:
+        # Numbered: two checkpoints may share a name (runs/a/model.keras, runs/b/model.keras).
+        folders = [
+            output / f"{i}-{Path(c).parent.name or 'model'}-{Path(c).stem}"
+            for i, c in enumerate(checkpoints, 1)
+        ]
+    for folder in folders:
+        for name in REPORT_FILES:
+            if (folder / name).exists():
+                raise RunDirError(
+                    f"--output {output}: {folder / name} already exists; choose another "
+                    "folder or remove the old report"
+                )
+    return folders
+
+
+def evaluate(
+    checkpoints: list[str | Path],
+    data: DataConfig,
+    device: str = "auto",
+    output: str | Path | None = None,
+) -> list[EvalReport]:
+    """Score saved models on the test split of `data`, on `device` (auto, cpu, gpu).
+
+    Args:
+        checkpoints: one model file, or several to compare on the same images.
+        data: where the test images come from.
+        device: auto, cpu or gpu.
+        output: a folder for report.json, confusion_matrix.png and mistakes.png
+            (one subfolder per checkpoint when there are several); None: no files.
+
+    Returns:
+        One report per checkpoint, in the order given.
+    """
+    checkpoints = [str(c) for c in checkpoints]
+    # Every check that can fail fast runs before the slow work.
+    folders = output_folders(output, checkpoints) if output is not None else None
     runtime.select_device(device)
     tf = runtime.import_tensorflow()
-    model = load_checkpoint(checkpoint)
+    models = [load_checkpoint(c) for c in checkpoints]
     dataset = load_dataset(data, splits=("test",))
     x, y = preprocess(dataset.x_test, dataset.y_test)
+    reports = []
+    for checkpoint, model in zip(checkpoints, models, strict=True):
+        try:
+            with runtime.quiet_tensorflow():
+                probabilities = model.predict(x, batch_size=EVAL_BATCH_SIZE, verbose=0)
+        except tf.errors.OpError as err:
+            raise TrainingError.from_op_error(err) from None
+        reports.append(
+            EvalReport(
+                checkpoint=checkpoint,
+                data=dataset.describe(),
+                score=score_probabilities(probabilities, y),
+                mistakes=most_confident_mistakes(probabilities, dataset.y_test),
+            )
+        )
+    if folders is not None:
+        for report, folder in zip(reports, folders, strict=True):
+            write_report_files(report, dataset.x_test, folder)
+    return reports
+
+
+def write_report_files(report: EvalReport, images: np.ndarray, folder: Path) -> None:
+    """report.json, confusion_matrix.png and mistakes.png of one report, into `folder`."""
+    from mnist_mlp import plots
+
     try:
-        result = score(model, x, y)
-    except tf.errors.OpError as err:
-        raise TrainingError.from_op_error(err) from None
-    return EvalReport(checkpoint=str(checkpoint), data=dataset.describe(), score=result)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create {folder}: {err.strerror or err}") from None
+    files.write_json(folder / "report.json", report.as_dict())
+    plots.save_confusion_matrix(
+        report.score.confusion,
+        folder / "confusion_matrix.png",
+        title=f"{Path(report.checkpoint).name}: accuracy {report.score.accuracy:.4f} "
+        f"on {report.score.total:,} images",
+    )
+    plots.save_mistakes(images, report.mistakes, folder / "mistakes.png")

@@ -45,6 +45,14 @@ _STARTUP_NOISE = [
 ]
 
 _startup_messages: list[str] = []
+# --verbose: TensorFlow's own logs, INFO lines and start-up noise included.
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show everything TensorFlow logs (call before TensorFlow is first imported)."""
+    global _verbose
+    _verbose = verbose
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,11 @@ def prepare_environment() -> None:
     # Forced, not defaulted: a KERAS_BACKEND=jax left in the shell would otherwise
     # run another backend while metrics.json records this one.
     os.environ["KERAS_BACKEND"] = BACKEND
-    # Drop INFO lines once absl logging is up; warnings and errors still show.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if _verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:
+        # Drop INFO lines once absl logging is up; warnings and errors still show.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
 def import_tensorflow():
@@ -186,6 +197,9 @@ def _filtered_stderr():
     A thread forwards every line that is not known start-up noise as soon as it
     arrives, so nothing real is held back even if the import crashes the process.
     """
+    if _verbose:
+        yield
+        return
     sys.stderr.flush()
     try:
         saved = os.dup(2)

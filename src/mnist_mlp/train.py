@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_mlp import checkpoint, files, runs, runtime, signals
+from mnist_mlp import checkpoint, files, plots, runs, runtime, signals
 from mnist_mlp.config import Config, to_yaml
-from mnist_mlp.errors import CheckpointError, ConfigError, RunDirError, TrainingError
+from mnist_mlp.errors import (
+    CheckpointError,
+    ConfigError,
+    InstallError,
+    RunDirError,
+    TrainingError,
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ def train(
     config: Config,
     run_dir: Path,
     report: Callable[[str], None] = lambda message: None,
-    progress: int = 2,
+    progress_bar: bool = False,
     resume: bool = False,
 ) -> TrainResult:
     """Train the configured model and write the run directory.
@@ -40,8 +47,9 @@ def train(
     Args:
         config: the resolved configuration.
         run_dir: where the run's files go; must not exist or be empty, unless resuming.
-        report: receives one-line status messages (device, data, paths).
-        progress: Keras `fit` verbosity: 0 silent, 1 progress bar, 2 a line per epoch.
+        report: receives one-line status messages (device, data, paths) and one
+            summary line per epoch.
+        progress_bar: also show Keras's progress bar during each epoch (for a terminal).
         resume: continue the unfinished run in `run_dir` from its last saved state
             (see runs.resume_config for the config to pass).
 
@@ -60,6 +68,12 @@ def train(
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     report(f"device: {device.description} (requested: {config.device})")
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        # tf.summary fails only at the first write without it, mid-run.
+        raise InstallError(
+            "logging.tensorboard: true needs the tensorboard package: "
+            'pip install "mnist-mlp[tensorboard]", or set logging.tensorboard: false'
+        )
     if not resume:
         runs.check_new_run_dir(run_dir)
 
@@ -119,7 +133,7 @@ def train(
     report(f"run directory: {run_dir}")
 
     steps = math.ceil(fitted / config.train.batch_size)
-    callbacks = _callbacks(config, run_dir, history, resumed, steps)
+    callbacks = _callbacks(config, run_dir, history, resumed, steps, report, progress_bar)
     guard, epoch_log, state = callbacks["guard"], callbacks["log"], callbacks["state"]
     stopper = callbacks.get("stopper")
     skip = resumed.batches_done if resumed else 0
@@ -152,7 +166,7 @@ def train(
                     # The order comes from training_batches (data.epoch_order), not fit.
                     shuffle=False,
                     callbacks=list(callbacks.values()),
-                    verbose=progress,
+                    verbose=1 if progress_bar else 0,
                 )
         if guard.tripped:
             epoch, batch = guard.where
@@ -175,8 +189,14 @@ def train(
             best = keras.saving.load_model(best_file, compile=False)
             model.set_weights(best.get_weights())
         files.save_model(model, run_dir / "model.keras")
-        train_score = score(model, x_fit, y_fit)
-        test_score = score(model, x_test, y_test)
+        plots.save_curves(
+            epoch_log.rows,
+            run_dir / "curves.png",
+            validation=f"last {split:.0%} of training set" if split else "test set",
+        )
+        with runtime.quiet_tensorflow():
+            train_score = score(model, x_fit, y_fit)
+            test_score = score(model, x_test, y_test)
     except OSError as err:  # history.csv could not be appended (disk full, removed)
         raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
     except tf.errors.OpError as err:
@@ -228,16 +248,20 @@ def _callbacks(
     history: list[dict],
     resumed: checkpoint.Progress | None,
     steps_per_epoch: int,
+    report: Callable[[str], None],
+    progress_bar: bool,
 ) -> dict:
     """The callbacks of a run, in the order they must run at each epoch end.
 
     The history row is written first and the training state last, so a saved
     state at epoch N implies history.csv and best.keras are complete up to N.
     """
+    import keras
 
     from mnist_mlp.callbacks import (
         BestModel,
         EpochLog,
+        EpochSummary,
         NanGuard,
         ResumableEarlyStopping,
         TrainingState,
@@ -266,6 +290,12 @@ def _callbacks(
     callbacks = {
         "guard": guard,
         "log": EpochLog(run_dir / "history.csv", history),
+        # Given to fit explicitly so that it ends the epoch's bar before the summary.
+        "bar": keras.callbacks.ProgbarLogger() if progress_bar else None,
+        "summary": EpochSummary(report, config.train.epochs),
+        "tensorboard": keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))
+        if config.logging.tensorboard
+        else None,
         "best": BestModel(
             run_dir / "best.keras", monitor, guard, best, stopping.min_delta if stopping else 0.0
         ),
