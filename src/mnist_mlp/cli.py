@@ -239,7 +239,8 @@ def evaluate(
     for line in lines:
         click.echo(line)
         if from_run and line.startswith("data "):
-            click.echo(f"            (the data of {from_run})")
+            indent = len(line) - len(line.split(maxsplit=1)[1])
+            click.echo(f"{'':<{indent}}(the data of {from_run})")
     if output is not None:
         click.echo(f"\nwrote report.json, confusion_matrix.png and mistakes.png to {output}")
 

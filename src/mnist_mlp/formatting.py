@@ -7,7 +7,6 @@ tests can check the layout without running a model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def _number(value: float | None, width: int = 9) -> str:
@@ -56,8 +55,8 @@ def confusion_lines(matrix: Sequence[Sequence[int]]) -> list[str]:
 
 def comparison_lines(reports: Sequence) -> list[str]:
     """Several reports on the same data side by side: one column per checkpoint."""
-    names = [_short_name(r.checkpoint) for r in reports]
-    width = max(9, *(len(n) for n in names))
+    # Columns are headed A, B, ...: the paths are listed above the table.
+    width = 11
 
     def row(label: str, cells: Sequence[str]) -> str:
         return f"{label:<16}" + "".join(f"  {cell:>{width}}" for cell in cells)
@@ -75,7 +74,7 @@ def comparison_lines(reports: Sequence) -> list[str]:
         lines.append(
             row(f"macro {metric}", [_number(r.score.macro_average()[metric], 0) for r in reports])
         )
-    lines += ["", row("F1 by class", [""] * len(reports))]
+    lines += ["", "F1 by class"]
     for c in range(len(reports[0].score.per_class)):
         cells = [_number(r.score.per_class[c].f1, 0) for r in reports]
         lines.append(row(f"{c:>5}", cells))
@@ -91,8 +90,3 @@ def comparison_lines(reports: Sequence) -> list[str]:
             gap, label = max(gaps)
             lines += ["", f"largest F1 difference: class {label} ({gap:.4f})"]
     return lines
-
-
-def _short_name(checkpoint: str) -> str:
-    path = Path(checkpoint)
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
