@@ -102,6 +102,7 @@ def test_evaluation_table_is_aligned_and_reads_back():
         label, precision, recall, f1, support = row.split()
         assert int(label) == cls.label and int(support.replace(",", "")) == cls.total
         assert float(precision) == pytest.approx(cls.precision, abs=5e-5)
+        assert float(recall) == pytest.approx(cls.recall, abs=5e-5)
         assert float(f1) == pytest.approx(cls.f1, abs=5e-5)
     matrix_lines = confusion_lines(score.confusion)
     read = [[int(v.replace(",", "")) for v in line.split()[1:]] for line in matrix_lines[2:]]
@@ -109,25 +110,54 @@ def test_evaluation_table_is_aligned_and_reads_back():
     assert len({len(line) for line in matrix_lines[1:]}) == 1
 
 
-def test_comparison_puts_each_checkpoint_in_its_own_column():
-    labels = np.random.default_rng(4).integers(0, 10, 1000)
-    reports = [
+def _reports(accuracies, n=1000, seed=4):
+    labels = np.random.default_rng(seed).integers(0, 10, n)
+    return [
         EvalReport(
-            f"runs/{name}/model.keras",
+            f"runs/{i}/model.keras",
             "test data",
-            score_probabilities(_probabilities(labels, acc, seed=5), _one_hot(labels)),
+            score_probabilities(_probabilities(labels, acc, seed=seed + i), _one_hot(labels)),
         )
-        for name, acc in (("good", 0.95), ("bad", 0.5))
+        for i, acc in enumerate(accuracies)
     ]
+
+
+def test_comparison_puts_each_checkpoint_in_its_own_column():
+    reports = _reports([0.95, 0.5])
     lines = comparison_lines(reports)
     accuracy = next(line for line in lines if line.startswith("accuracy")).split()[1:]
     assert [float(a) for a in accuracy] == pytest.approx(
         [r.score.accuracy for r in reports], abs=5e-5
     )
-    assert "A               runs/good/model.keras" in lines
-    f1_rows = lines[lines.index(next(x for x in lines if x.startswith("F1 by class"))) + 1 :][:10]
-    for c, line in enumerate(f1_rows):
+    assert "A               runs/0/model.keras" in lines
+    header = lines.index(next(x for x in lines if x.startswith("class  precision A")))
+    assert lines[header].split()[1:] == [
+        "precision", "A", "precision", "B", "recall", "A", "recall", "B", "F1", "A", "F1", "B"
+    ]
+    for c, line in enumerate(lines[header + 1 : header + 11]):
         cells = [float(v) for v in line.split()[1:]]
-        assert cells == pytest.approx([r.score.per_class[c].f1 for r in reports], abs=5e-5)
+        a, b = (r.score.per_class[c] for r in reports)
+        expected = [a.precision, b.precision, a.recall, b.recall, a.f1, b.f1]
+        assert cells == pytest.approx(expected, abs=5e-5)
     gaps = [abs(a.f1 - b.f1) for a, b in zip(*(r.score.per_class for r in reports), strict=True)]
-    assert lines[-1].startswith(f"largest F1 difference: class {int(np.argmax(gaps))} ")
+    assert f"largest F1 difference: class {int(np.argmax(gaps))} ({max(gaps):.4f})" in lines
+    # B - A, cell by cell: the matrix a user reads to see which confusions changed.
+    start = lines.index(next(x for x in lines if x.startswith("confusion matrix B - A")))
+    diff = [[int(v) for v in line.split()[1:]] for line in lines[start + 2 : start + 12]]
+    a, b = (np.array(r.score.confusion) for r in reports)
+    assert (np.array(diff) == b - a).all()
+
+
+def test_comparing_a_model_with_itself_names_no_class():
+    (report,) = _reports([0.8])
+    lines = comparison_lines([report, report])
+    assert "F1 is the same in every class" in lines
+    assert not any(line.startswith("largest F1 difference") for line in lines)
+
+
+def test_comparison_columns_stay_aligned_on_a_full_test_set():
+    lines = comparison_lines(_reports([0.99, 0.9], n=10_000))
+    table = lines[lines.index("") + 1 :]
+    table = table[: table.index("")]
+    # `9,899/10,000` is the widest cell: every row still ends in the same column.
+    assert len({len(row) for row in table}) == 1, table

@@ -77,7 +77,7 @@ def test_quiet_prints_only_the_final_summary(run_cli, tiny_npz, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("finished 2 epochs in ")
-    assert not any(line.startswith(("epoch", "device:", "data:")) for line in lines)
+    assert [line.split()[0] for line in lines] == ["finished", "train", "test", "wrote", "evaluate"]
     assert result.stderr == ""
 
 
@@ -255,6 +255,13 @@ def test_evaluate_output_writes_readable_figures_and_refuses_to_overwrite(
     assert json.loads((out / "report.json").read_text()) == json.loads(result.stdout)
     with Image.open(out / "confusion_matrix.png") as image:
         assert image.format == "PNG" and image.size == (700, 600)
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    # A 95%-accurate model: the ten darkest-blue cells (share > 0.9) are the diagonal,
+    # running from top left to bottom right (true rows down, predicted columns across).
+    # (Left of x=600: the colour bar on the right is dark blue at its top too.)
+    dark = (pixels[..., 2] > 60) & (pixels[..., 0] < 40) & (pixels[..., 1] < 80)
+    y, x = np.nonzero(dark[:, :600])
+    assert len(y) > 1000 and np.corrcoef(x, y)[0, 1] > 0.98
     kept = len(json.loads(result.stdout)["mistakes"])
     with Image.open(out / "mistakes.png") as image:
         assert image.size == mistakes_size(kept)
@@ -269,28 +276,48 @@ def test_evaluate_output_writes_readable_figures_and_refuses_to_overwrite(
         run_cli("evaluate", "--checkpoint", run_dir / "model.keras", "--output", afile),
         "is a file",
     )
+    assert_one_line_error(
+        run_cli("evaluate", "--checkpoint", run_dir / "model.keras", "--output", afile / "sub"),
+        "is inside",
+        "a file",
+    )
     assert afile.read_text() == "keep me"
 
 
 @needs_t10k
-def test_two_checkpoints_side_by_side(trained_run, run_cli, tmp_path):
+def test_two_checkpoints_side_by_side(trained_run, run_cli, split_idx_dir, tmp_path):
     run_dir, _, _ = trained_run
-    a, b = run_dir / "model.keras", run_dir / "best.keras"
+    # A genuinely different model on the same data: a swap of A and B would show.
+    small = tmp_path / "small-run"
+    result = run_cli(
+        "train", "--set", f"data.path={split_idx_dir}", "--set", "model.units=8", "--set",
+        "train.epochs=1", "--run-dir", small, "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    a, b = run_dir / "model.keras", small / "model.keras"
     single = [
         json.loads(run_cli("evaluate", "--checkpoint", c, "--json").stdout) for c in (a, b)
     ]
+    assert single[0]["accuracy"] != single[1]["accuracy"]
     both = run_cli("evaluate", "--checkpoint", a, "--checkpoint", b, "--json")
     assert both.returncode == 0, both.stderr
     assert json.loads(both.stdout)["reports"] == single
     text = run_cli("evaluate", "--checkpoint", a, "--checkpoint", b, "--output", tmp_path / "o")
     assert text.returncode == 0, text.stderr
-    accuracy = next(line for line in text.stdout.splitlines() if line.startswith("accuracy"))
+    lines = text.stdout.splitlines()
+    accuracy = next(line for line in lines if line.startswith("accuracy"))
     assert accuracy.split()[1:] == [f"{r['accuracy']:.4f}" for r in single]
+    start = lines.index(next(x for x in lines if x.startswith("confusion matrix B - A")))
+    diff = [[int(v) for v in line.split()[1:]] for line in lines[start + 2 : start + 12]]
+    expected = np.array(single[1]["confusion_matrix"]) - np.array(single[0]["confusion_matrix"])
+    assert (np.array(diff) == expected).all()
     folders = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert folders == ["1-quick-run-model", "2-quick-run-best"]
+    assert folders == ["1-quick-run-model", "2-small-run-model"]
     for folder, report in zip(folders, single, strict=True):
         saved = json.loads((tmp_path / "o" / folder / "report.json").read_text())
         assert saved["confusion_matrix"] == report["confusion_matrix"]
+    again = run_cli("evaluate", "--checkpoint", a, "--checkpoint", f"{run_dir}/./model.keras")
+    assert_one_line_error(again, "is the same file as")
 
 
 def test_checkpoints_trained_on_different_data_are_not_compared_silently(
@@ -367,29 +394,99 @@ def test_predict_on_digits_saved_as_images_agrees_with_the_arrays(
     assert document["errors"][0]["input"] == str(notes)
 
 
-@needs_t10k
-def test_export_from_the_cli_runs_the_same_in_onnxruntime(
-    trained_run, run_cli, split_arrays, tmp_path
-):
+def _run_with_own_runtime(fmt, path, x):
+    """Each export loaded as a deployment would, without the project's code."""
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(path))  # kept: its variables die with it
+        return loaded.serve(tf.constant(x)).numpy()
+    if fmt == "tflite":
+        interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter(str(path))
+        (source,), (result,) = interpreter.get_input_details(), interpreter.get_output_details()
+        interpreter.resize_tensor_input(source["index"], list(x.shape))
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(result["index"])
     onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@needs_t10k
+@pytest.mark.parametrize(
+    ("fmt", "name", "runtime_name"),
+    [
+        ("savedmodel", "served", "tf.saved_model"),
+        ("tflite", "model.tflite", "ai_edge_litert"),
+        ("onnx", "model.onnx", "onnxruntime"),
+    ],
+)
+def test_export_from_the_cli_runs_the_same_in_its_own_runtime(
+    trained_run, run_cli, split_arrays, tmp_path, fmt, name, runtime_name
+):
     from mnist_mlp import runtime
 
     runtime.import_tensorflow()
     import keras
 
     run_dir, _, _ = trained_run
-    output = tmp_path / "model.onnx"
-    args = ("export", "--checkpoint", run_dir / "model.keras", "--format", "onnx")
-    result = run_cli(*args, "--output", output, "--json")
+    output = tmp_path / name
+    args = ("export", "--checkpoint", run_dir / "model.keras", "--format", fmt)
+    result = run_cli(*args, "--output", output)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    report = json.loads(result.stdout)
-    assert report["verified_with"] == "onnxruntime" and report["max_abs_diff"] < 1e-5
+    assert result.stdout.startswith(f"exported {fmt} to {output} (")
+    checked = re.search(r"checked with (\S+) on 100 inputs: max \|difference\| to Keras (\S+) ",
+                        result.stdout)
+    assert checked and checked[1] == runtime_name and float(checked[2]) < 1e-5
     x = (split_arrays["x_test"][:100].reshape(-1, 784) / 255.0).astype("float32")
-    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-    (name,) = [i.name for i in session.get_inputs()]
     reference = keras.saving.load_model(run_dir / "model.keras").predict(x, verbose=0)
-    assert np.abs(session.run(None, {name: x})[0] - reference).max() < 1e-5
-    before = output.read_bytes()
+    assert np.abs(_run_with_own_runtime(fmt, output, x) - reference).max() < 1e-5
+    before = sorted((p.name, p.stat().st_size) for p in tmp_path.rglob("*"))
     assert_one_line_error(run_cli(*args, "--output", output), "already exists", "never overwrites")
-    assert output.read_bytes() == before
+    assert sorted((p.name, p.stat().st_size) for p in tmp_path.rglob("*")) == before
+
+
+@needs_t10k
+def test_export_json_reports_the_check(trained_run, run_cli, tmp_path):
+    run_dir, _, _ = trained_run
+    result = run_cli(
+        "export", "--checkpoint", run_dir / "model.keras", "--format", "onnx", "--output",
+        tmp_path / "m.onnx", "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["verified_with"] == "onnxruntime" and report["samples_compared"] == 100
+    assert 0 <= report["max_abs_diff"] < 1e-5
+    assert report["size_bytes"] == (tmp_path / "m.onnx").stat().st_size
+
+
+@needs_t10k
+def test_predict_survives_hostile_inputs_and_refuses_a_bad_checkpoint(
+    trained_run, run_cli, split_arrays, tmp_path
+):
+    import numpy.lib.format as npy_format
+
+    run_dir, _, _ = trained_run
+    good = tmp_path / "good.npy"
+    np.save(good, split_arrays["x_test"][:2])
+    huge = tmp_path / "huge.npy"  # 1 kB on disk, a header claiming 7 TiB
+    with open(huge, "wb") as handle:
+        npy_format.write_array_header_1_0(
+            handle, {"descr": "<f4", "fortran_order": False, "shape": (10**10, 784)}
+        )
+        handle.write(b"\0" * 1000)
+    long_name = tmp_path / ("x" * 300 + ".png")
+    result = run_cli("predict", "--checkpoint", run_dir / "model.keras", huge, long_name, good)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = result.stderr.splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert "huge.npy: truncated .npy file" in errors[0]
+    assert "cannot access (File name too long)" in errors[1]
+    assert [line.split()[0] for line in result.stdout.splitlines()] == [
+        f"{good}[0]", f"{good}[1]"
+    ]
+    bad = run_cli("predict", "--checkpoint", good, good)
+    assert_one_line_error(bad, "good.npy", "not a Keras model file")

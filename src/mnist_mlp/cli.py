@@ -206,6 +206,14 @@ def evaluate(
     """
     if config_path is not None and data_path is not None:
         raise click.UsageError("--config and --data-path both name the data; give one of them")
+    seen: dict[str, int] = {}
+    for i, checkpoint in enumerate(checkpoints):
+        first = seen.setdefault(os.path.realpath(checkpoint), i)
+        if first != i:
+            raise click.UsageError(
+                f"--checkpoint {checkpoint} is the same file as --checkpoint "
+                f"{checkpoints[first]}; compare different models"
+            )
     from mnist_mlp.config import Config, load_config, validate
     from mnist_mlp.evaluate import evaluate as run_evaluation
     from mnist_mlp.files import to_json
@@ -439,4 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         # Point stdout at devnull so the interpreter's final flush cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_CHECK_FAILED)
+    except OSError as err:
+        # A path the core did not expect to fail (a name too long, a permission):
+        # still one line naming it, not a traceback.
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"{where}{err.strerror or err}; check the path and its permissions", EXIT_BAD_INPUT)
     sys.exit(code if isinstance(code, int) else 0)

@@ -7,6 +7,7 @@ checkpoint, so the two agree exactly.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,9 +203,15 @@ def load_checkpoint(path: str | Path):
     import keras
 
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as err:  # a name too long, a folder without permission
+        raise CheckpointError(
+            f"{path}: cannot access ({err.strerror or err}); pass a model.keras from a run folder"
+        ) from None
+    if not exists:
         raise CheckpointError(f"checkpoint not found: {path}; pass a model.keras from a run folder")
-    if path.is_dir():
+    if is_dir:
         raise CheckpointError(f"checkpoint is a directory: {path}; pass its model.keras file")
     if path.suffix not in (".keras", ".h5"):
         raise CheckpointError(f"{path}: not a Keras model file; expected a .keras (or .h5) file")
@@ -248,8 +255,22 @@ def output_folders(output: str | Path, checkpoints: list[str]) -> list[Path]:
             (reports are never overwritten).
     """
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise RunDirError(f"--output {output}: is a file; give a folder for the report files")
+    try:
+        # The nearest folder that exists must be a folder: fail now, not after scoring.
+        nearest = next(p for p in (output, *output.parents) if p.exists() or p == Path(p.anchor))
+        if not nearest.is_dir():
+            where = "is a file" if nearest == output else f"is inside {nearest}, a file"
+            raise RunDirError(
+                f"--output {output}: {where}; give a folder for the report files"
+            )
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise RunDirError(
+                f"--output {output}: {nearest} is not writable; choose another --output"
+            )
+    except OSError as err:
+        raise RunDirError(
+            f"--output {output}: cannot access ({err.strerror or err}); choose another --output"
+        ) from None
     if len(checkpoints) == 1:
         folders = [output]
     else:
@@ -262,8 +283,8 @@ def output_folders(output: str | Path, checkpoints: list[str]) -> list[Path]:
         for name in REPORT_FILES:
             if (folder / name).exists():
                 raise RunDirError(
-                    f"--output {output}: {folder / name} already exists; choose another "
-                    "folder or remove the old report"
+                    f"--output {output}: {folder / name} already exists; reports are never "
+                    "overwritten: choose another folder or remove the old report"
                 )
     return folders
 
@@ -322,7 +343,9 @@ def write_report_files(report: EvalReport, images: np.ndarray, folder: Path) -> 
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunDirError(f"cannot create {folder}: {err.strerror or err}") from None
+        raise RunDirError(
+            f"cannot create {folder}: {err.strerror or err}; choose another --output"
+        ) from None
     files.write_json(folder / "report.json", report.as_dict())
     plots.save_confusion_matrix(
         report.score.confusion,

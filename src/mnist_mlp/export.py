@@ -230,6 +230,13 @@ def _export_checked(
         os.rename(staged, output)
         _fsync_dir(output.parent)
         done = True
+    except ImportError as err:
+        # find_spec saw the package, but it does not import (a broken or mismatched install).
+        extra = "[onnx]" if fmt == "onnx" else ""
+        raise ExportError(
+            f"the {fmt} exporter could not load {err.name or 'a module'} ({err}); reinstall: "
+            f'pip install --force-reinstall "mnist-mlp{extra}"'
+        ) from None
     except OSError as err:
         raise ExportError(
             f"cannot write {output}: {err.strerror or err}; check the folder's permissions "
@@ -386,7 +393,7 @@ def _captured_output() -> Iterator[None]:
             ):
                 warnings.simplefilter("ignore")
                 yield
-        except (MnistMlpError, OSError):
+        except (MnistMlpError, OSError, ImportError):
             raise  # reported as one line by the caller; the exporters' text adds nothing
         except Exception:
             _restore_fds(saved)
@@ -433,7 +440,13 @@ def _run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
     else:
         import tensorflow as tf
 
-        Interpreter = tf.lite.Interpreter  # noqa: N806  (a class, named as the library names it)
+        # (A class, named as the library names it.)
+        Interpreter = getattr(tf.lite, "Interpreter", None)  # noqa: N806
+        if Interpreter is None:  # TensorFlow has announced its removal
+            raise ExportError(
+                "this TensorFlow has no tf.lite.Interpreter to check the tflite export with: "
+                "pip install ai-edge-litert"
+            )
     with warnings.catch_warnings():
         # tf.lite.Interpreter's deprecation notice; the fallback is deliberate.
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")

@@ -39,24 +39,39 @@ def evaluation_lines(report) -> list[str]:
     return lines
 
 
-def confusion_lines(matrix: Sequence[Sequence[int]]) -> list[str]:
-    """The confusion matrix with a header row of predictions and row totals."""
-    width = max(5, len(f"{max(max(row) for row in matrix):,}") + 1)
+def confusion_lines(
+    matrix: Sequence[Sequence[int]],
+    title: str = "confusion matrix (rows: true class, columns: predicted class)",
+    signed: bool = False,
+) -> list[str]:
+    """The confusion matrix with a header row of predictions.
+
+    Args:
+        matrix: counts, rows the true classes.
+        title: the first line.
+        signed: a difference of two matrices: `+3`/`-2` per cell and no row totals
+            (the rows of two reports on the same data sum to the same counts).
+    """
     classes = range(len(matrix))
-    lines = [
-        "confusion matrix (rows: true class, columns: predicted class)",
-        "true" + "".join(f"{p:>{width}}" for p in classes) + f"{'total':>{width + 2}}",
-    ]
+
+    def cell(value: int) -> str:
+        return (f"{value:+,}" if value else "0") if signed else f"{value:,}"
+
+    width = max(5, *(len(cell(v)) + 1 for row in matrix for v in row))
+    total = "" if signed else f"{'total':>{width + 2}}"
+    lines = [title, "true" + "".join(f"{p:>{width}}" for p in classes) + total]
     for t in classes:
-        cells = "".join(f"{matrix[t][p]:>{width},}" for p in classes)
-        lines.append(f"{t:>4}{cells}{sum(matrix[t]):>{width + 2},}")
+        cells = "".join(f"{cell(matrix[t][p]):>{width}}" for p in classes)
+        total = "" if signed else f"{sum(matrix[t]):>{width + 2},}"
+        lines.append(f"{t:>4}{cells}{total}")
     return lines
 
 
 def comparison_lines(reports: Sequence) -> list[str]:
     """Several reports on the same data side by side: one column per checkpoint."""
-    # Columns are headed A, B, ...: the paths are listed above the table.
-    width = 11
+    # Columns are headed A, B, ...: the paths are listed above the table. Wide
+    # enough for the longest cell, `9,899/10,000` on a full test set.
+    width = max(11, *(len(f"{r.score.correct:,}/{r.score.total:,}") for r in reports))
 
     def row(label: str, cells: Sequence[str]) -> str:
         return f"{label:<16}" + "".join(f"  {cell:>{width}}" for cell in cells)
@@ -74,19 +89,41 @@ def comparison_lines(reports: Sequence) -> list[str]:
         lines.append(
             row(f"macro {metric}", [_number(r.score.macro_average()[metric], 0) for r in reports])
         )
-    lines += ["", "F1 by class"]
+    letters = [chr(ord("A") + i) for i in range(len(reports))]
+    columns = [(metric, letter) for metric in ("precision", "recall", "f1") for letter in letters]
+    names = {"precision": "precision", "recall": "recall", "f1": "F1"}
+    lines += ["", "class" + "".join(f"  {f'{names[m]} {x}':>11}" for m, x in columns)]
     for c in range(len(reports[0].score.per_class)):
-        cells = [_number(r.score.per_class[c].f1, 0) for r in reports]
-        lines.append(row(f"{c:>5}", cells))
+        cells = [
+            _number(getattr(reports[letters.index(x)].score.per_class[c], m), 11)
+            for m, x in columns
+        ]
+        lines.append(f"{c:>5}" + "".join(f"  {cell}" for cell in cells))
     # Where the models disagree most is what a comparison is for.
     if len(reports) == 2:
-        a, b = (r.score.per_class for r in reports)
+        a, b = (r.score for r in reports)
         gaps = [
             (abs(x.f1 - y.f1), x.label)
-            for x, y in zip(a, b, strict=True)
+            for x, y in zip(a.per_class, b.per_class, strict=True)
             if x.f1 is not None and y.f1 is not None
         ]
-        if gaps:
-            gap, label = max(gaps)
-            lines += ["", f"largest F1 difference: class {label} ({gap:.4f})"]
+        # max keeps the first of equal gaps: the lowest class, not the highest.
+        gap, label = max(gaps, key=lambda g: g[0]) if gaps else (0.0, None)
+        lines.append("")
+        if gap > 0:
+            lines.append(f"largest F1 difference: class {label} ({gap:.4f})")
+        else:
+            lines.append("F1 is the same in every class")
+        difference = [
+            [b.confusion[t][p] - a.confusion[t][p] for p in range(len(a.confusion))]
+            for t in range(len(a.confusion))
+        ]
+        lines += [
+            "",
+            *confusion_lines(
+                difference,
+                "confusion matrix B - A (rows: true class, columns: predicted class)",
+                signed=True,
+            ),
+        ]
     return lines

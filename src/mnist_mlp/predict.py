@@ -10,6 +10,7 @@ collects those and still classifies the other inputs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -196,9 +197,14 @@ def load_inputs(path: str | Path) -> list[Sample]:
     """
     name = str(path)
     path = Path(path)
-    if not path.exists():
+    try:
+        # stat can fail on its own (a name too long, a folder without permission).
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as err:
+        raise InputError(f"{name}: cannot access ({err.strerror or err}); {ACCEPTED}") from None
+    if not exists:
         raise InputError(f"{name}: file not found; {ACCEPTED}")
-    if path.is_dir():
+    if is_dir:
         raise InputError(f"{name}: is a directory; pass the image or .npy files in it")
     try:
         with path.open("rb") as handle:
@@ -220,11 +226,15 @@ def _read_gray(path: Path, name: str) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            # Phones store photos sideways and say so in EXIF; upright is what was drawn.
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return _to_gray(image)
+        with warnings.catch_warnings():
+            # Over 89 megapixels Pillow warns on stderr; a big photo is fine here
+            # (it is shrunk to 20x20), and twice that is refused below anyway.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                # Phones store photos sideways and say so in EXIF; upright is what was drawn.
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                return _to_gray(image)
     except UnidentifiedImageError:
         what = "not a valid .npy array" if path.suffix == ".npy" else "not an image or .npy array"
         raise InputError(f"{name}: {what}; {ACCEPTED}") from None
@@ -257,15 +267,22 @@ def _to_gray(image) -> np.ndarray:
 
 def _load_npy(path: Path, name: str) -> list[Sample]:
     try:
-        array = np.load(path, allow_pickle=False)
+        # Memory-mapped first: a header claiming (10**10, 784) must be refused by its
+        # shape, not by trying to allocate terabytes. Rows are copied once accepted.
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
     except ValueError as err:
+        if "mmap length is greater than file size" in str(err):
+            raise InputError(
+                f"{name}: truncated .npy file (its header promises more data than the file "
+                "holds); save the array again with numpy.save"
+            ) from None
         # allow_pickle=False refuses object arrays; a damaged header is a ValueError too.
         detail = " ".join(str(err).split())[:160]
         raise InputError(
             f"{name}: not a numeric .npy array ({detail}); {ACCEPTED} of integers 0..255 "
             "or floats in [0, 1]"
         ) from None
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, MemoryError) as err:
         raise InputError(f"{name}: truncated or unreadable .npy file ({err})") from None
     kind = array.dtype.kind
     if kind not in "uif":
