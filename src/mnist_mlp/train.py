@@ -59,7 +59,13 @@ def train(
     Raises:
         MnistMlpError: a device, data, run-directory or training problem.
     """
-    # Device first: `device: gpu` without one fails before any other work.
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        # tf.summary fails only at the first write without it, mid-run.
+        raise InstallError(
+            "logging.tensorboard: true needs the tensorboard package: "
+            'pip install "mnist-mlp[tensorboard]", or set logging.tensorboard: false'
+        )
+    # Device next: `device: gpu` without one fails before any other work.
     device = runtime.select_device(config.device)
     tf = runtime.import_tensorflow()
     deterministic = config.train.deterministic
@@ -68,12 +74,6 @@ def train(
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     report(f"device: {device.description} (requested: {config.device})")
-    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        # tf.summary fails only at the first write without it, mid-run.
-        raise InstallError(
-            "logging.tensorboard: true needs the tensorboard package: "
-            'pip install "mnist-mlp[tensorboard]", or set logging.tensorboard: false'
-        )
     if not resume:
         runs.check_new_run_dir(run_dir)
 
