@@ -254,6 +254,7 @@ _configs = st.fixed_dictionaries(
     optional={
         "seed": _values,
         "device": _values,
+        "backend": st.one_of(_values, st.sampled_from(["jax", "tensorflow", "torch"])),
         "extra": _values,
         **{
             section: st.one_of(_values, st.dictionaries(st.sampled_from(keys), _values))

@@ -117,6 +117,8 @@ def train(
     else:
         config = load_config(config_path, overrides)
         target = Path(run_dir) if run_dir else default_run_dir(config_name(config_path))
+    # Before anything imports Keras, which reads the backend once.
+    runtime.set_backend(config.backend)
     from mnist_mlp.signals import StopRequested
     from mnist_mlp.train import train as run_training
 
@@ -182,6 +184,12 @@ def train(
     type=click.Choice(["auto", "cpu", "gpu"]),
     help="Device to score on (default: the config's, else auto).",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["tensorflow", "jax"]),
+    help="Keras backend to score with (default: the config's, else tensorflow); "
+    "a checkpoint loads under either.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option(
     "--output",
@@ -194,6 +202,7 @@ def evaluate(
     config_path: str | None,
     data_path: str | None,
     device: str | None,
+    backend: str | None,
     as_json: bool,
     output: str | None,
 ) -> None:
@@ -236,6 +245,9 @@ def evaluate(
             )
         config = next(iter(found.values())) if found else Config()
         from_run = next(iter(found)) if found else None
+    from mnist_mlp import runtime
+
+    runtime.set_backend(backend or config.backend)
     reports = run_evaluation(
         list(checkpoints), config.data, device=device or config.device, output=output
     )
@@ -397,6 +409,14 @@ def _print_install_report(report) -> None:
             else f"FAILED: {d.error}"
         )
         click.echo(f"  {d.name:<18}{d.device_type:<5}{status}")
+    if report.jax is None:
+        click.echo(f"{'jax':<14}not installed (backend: jax needs pip install \"mnist-mlp[jax]\")")
+    else:
+        jax_devices = ", ".join(
+            f"{d['name']} {'ok' if d['ok'] else 'FAILED: ' + d['error']}"
+            for d in report.jax["devices"]
+        )
+        click.echo(f"{'jax':<14}{report.jax['version']} ({jax_devices or report.jax['error']})")
     gpu = "usable" if report.gpu_ok else f"none usable: {report.gpu_advice or 'check failed'}"
     click.echo(f"{'GPU':<14}{gpu}")
     for line in report.tensorflow_messages:

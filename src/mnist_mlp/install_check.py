@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,9 @@ class InstallReport:
     driver: str | None
     devices: list[DeviceCheck]
     tensorflow_messages: list[str] = field(default_factory=list)
+    # The JAX backend (backend: jax): its version and the same check on each of
+    # its devices; None when JAX is not installed.
+    jax: dict | None = None
 
     @property
     def gpus(self) -> list[DeviceCheck]:
@@ -41,8 +45,11 @@ class InstallReport:
 
     @property
     def ok(self) -> bool:
-        """Every device TensorFlow lists computed the product correctly."""
-        return bool(self.devices) and all(d.ok for d in self.devices)
+        """Every device TensorFlow (and JAX, when installed) lists computed the product right."""
+        jax_ok = self.jax is None or (
+            bool(self.jax["devices"]) and all(d["ok"] for d in self.jax["devices"])
+        )
+        return bool(self.devices) and all(d.ok for d in self.devices) and jax_ok
 
     @property
     def gpu_ok(self) -> bool:
@@ -68,6 +75,7 @@ class InstallReport:
             "devices": [asdict(d) for d in self.devices],
             "gpu_advice": self.gpu_advice,
             "tensorflow_messages": self.tensorflow_messages,
+            "jax": self.jax,
         }
 
 
@@ -113,10 +121,7 @@ def check_device(tf, name: str, device_type: str) -> DeviceCheck:
     Small integers are exact in float32 (and in the TF32 that GPUs use for
     matmul), so any difference from NumPy is a broken device, not rounding.
     """
-    rng = np.random.default_rng(0)
-    a = rng.integers(-3, 4, size=(128, 96)).astype("float32")
-    b = rng.integers(-3, 4, size=(96, 64)).astype("float32")
-    expected = a @ b
+    a, b, expected = _test_matrices()
     start = time.perf_counter()
     try:
         with tf.device(name):
@@ -138,6 +143,35 @@ def check_device(tf, name: str, device_type: str) -> DeviceCheck:
     )
 
 
+def _test_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    a = rng.integers(-3, 4, size=(128, 96)).astype("float32")
+    b = rng.integers(-3, 4, size=(96, 64)).astype("float32")
+    return a, b, a @ b
+
+
+def check_jax() -> dict | None:
+    """JAX's version and the exact small-integer product on each JAX device, if installed."""
+    if importlib.util.find_spec("jax") is None:
+        return None
+    try:
+        import jax
+    except ImportError as err:
+        return {"version": None, "devices": [], "error": f"cannot import jax ({err})"}
+    a, b, expected = _test_matrices()
+    devices = []
+    for device in jax.devices():
+        name = f"{device.platform}:{device.id}"
+        try:
+            result = np.asarray(jax.device_put(a, device) @ jax.device_put(b, device))
+            ok = bool(np.array_equal(result, expected))
+            error = "" if ok else "the product is wrong"
+        except RuntimeError as err:  # XlaRuntimeError: a broken device or driver
+            ok, error = False, " ".join(str(err).split())[:200]
+        devices.append({"name": name, "kind": device.device_kind, "ok": ok, "error": error})
+    return {"version": jax.__version__, "devices": devices, "error": ""}
+
+
 def run_install_check() -> InstallReport:
     """Report versions, the CUDA build, and a matrix-product check on every device."""
     tf = runtime.import_tensorflow()
@@ -156,9 +190,10 @@ def run_install_check() -> InstallReport:
     ]
     return InstallReport(
         versions=runtime.versions(),
-        backend=runtime.BACKEND,
+        backend=runtime.backend(),
         build=build,
         driver=nvidia_driver(),
         devices=devices,
         tensorflow_messages=messages,
+        jax=check_jax(),
     )

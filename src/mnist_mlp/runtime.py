@@ -10,6 +10,7 @@ modules changing.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -19,7 +20,10 @@ from typing import Any
 
 from mnist_mlp.errors import DeviceError, InstallError
 
-BACKEND = "tensorflow"
+# The Keras backends a run can use (config key `backend`). TensorFlow is imported
+# under both: the input pipeline is tf.data, and export and install-check use it.
+BACKENDS = ("tensorflow", "jax")
+_backend = "tensorflow"
 
 # C++ start-up lines TensorFlow prints on every import, before absl logging is
 # initialised (so TF_CPP_MIN_LOG_LEVEL cannot silence them). They say nothing a
@@ -75,11 +79,40 @@ class Device:
         }
 
 
+def backend() -> str:
+    """The Keras backend of this process: "tensorflow" or "jax"."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Choose the Keras backend; only before Keras is first imported.
+
+    Raises:
+        InstallError: the backend's package is missing, or Keras already runs on
+            another backend in this process (it cannot switch).
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise InstallError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if name == "jax" and importlib.util.find_spec("jax") is None:
+        raise InstallError(
+            'backend: jax needs JAX: pip install "mnist-mlp[jax]" (CPU), or set backend: tensorflow'
+        )
+    if name == _backend:
+        return
+    if "keras" in sys.modules:
+        raise InstallError(
+            f"Keras already runs on {_backend} in this process and cannot switch to {name}; "
+            "start a new process"
+        )
+    _backend = name
+
+
 def prepare_environment() -> None:
     """Set what TensorFlow and Keras read at import time."""
     # Forced, not defaulted: a KERAS_BACKEND=jax left in the shell would otherwise
     # run another backend while metrics.json records this one.
-    os.environ["KERAS_BACKEND"] = BACKEND
+    os.environ["KERAS_BACKEND"] = _backend
     if _verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     else:
@@ -102,7 +135,11 @@ def import_tensorflow():
             import tensorflow as tf
 
             # Device discovery prints its own CUDA lines; do it inside the filter.
-            tf.config.list_physical_devices()
+            gpus = tf.config.list_physical_devices("GPU")
+            if _backend != "tensorflow" and gpus:
+                # TensorFlow only feeds the data then: it must not take the GPU's
+                # memory from the backend that computes.
+                tf.config.set_visible_devices([], "GPU")
     except ImportError as err:
         raise InstallError(
             f"cannot import TensorFlow/Keras ({err}); reinstall with "
@@ -121,13 +158,18 @@ def versions() -> dict[str, str]:
 
     from mnist_mlp import __version__
 
-    return {
+    found = {
         "mnist_mlp": __version__,
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": numpy.__version__,
     }
+    if _backend == "jax":
+        import jax
+
+        found["jax"] = jax.__version__
+    return found
 
 
 def startup_messages() -> list[str]:
@@ -135,12 +177,13 @@ def startup_messages() -> list[str]:
     return list(_startup_messages)
 
 
-def resolve_device(requested: str, gpus: list[str]) -> str:
+def resolve_device(requested: str, gpus: list[str], finder: str = "TensorFlow") -> str:
     """Decide which kind of device a run uses.
 
     Args:
         requested: "auto", "cpu" or "gpu", from the config.
-        gpus: names of the GPUs TensorFlow lists.
+        gpus: names of the GPUs the backend lists.
+        finder: who looked for them, for the error message.
 
     Returns:
         "gpu" or "cpu".
@@ -154,14 +197,16 @@ def resolve_device(requested: str, gpus: list[str]) -> str:
         return "gpu"
     if requested == "gpu":
         raise DeviceError(
-            "device: gpu was requested but TensorFlow finds no GPU; run "
+            f"device: gpu was requested but {finder} finds no GPU; run "
             "`mnist-mlp install-check --gpu` to see why, or use --set device=cpu"
         )
     return "cpu"
 
 
 def select_device(requested: str) -> Device:
-    """Make the requested device the one TensorFlow uses, before any tensor exists."""
+    """Make the requested device the one the backend uses, before any tensor exists."""
+    if _backend == "jax":
+        return _select_jax_device(requested)
     tf = import_tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
     kind = resolve_device(requested, [g.name for g in gpus])
@@ -182,6 +227,30 @@ def select_device(requested: str) -> Device:
         description = "CPU"
         name = "/device:CPU:0"
     visible = tuple(d.name for d in tf.config.list_logical_devices())
+    return Device(kind, name, description, gpus_found=len(gpus), visible=visible)
+
+
+def _select_jax_device(requested: str) -> Device:
+    if requested == "cpu":
+        # Read when JAX starts its backends: GPUs stay unused, as device: cpu says.
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import_tensorflow()
+    import jax
+
+    if requested == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:  # no GPU backend: CPU-only jaxlib, or no driver
+        gpus = []
+    kind = resolve_device(requested, [str(g) for g in gpus], finder="JAX")
+    if kind == "gpu":
+        description = f"GPU 0: {gpus[0].device_kind}"
+        name = f"gpu:{gpus[0].id}"
+    else:
+        description = "CPU"
+        name = "cpu:0"
+    visible = tuple(f"{d.platform}:{d.id}" for d in jax.devices())
     return Device(kind, name, description, gpus_found=len(gpus), visible=visible)
 
 

@@ -212,7 +212,7 @@ def train(
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "resumed_after_epoch": epochs_done if resume else None,
         "device": device.as_dict(),
-        "backend": runtime.BACKEND,
+        "backend": runtime.backend(),
         "deterministic": deterministic,
         "versions": runtime.versions(),
         "data": {
