@@ -7,9 +7,11 @@ Measured, each in its own process (a backend is chosen before Keras is imported,
 and peak memory must be one run's):
 
 - `project/<backend>`: the exact code `mnist-mlp train` runs (the installed
-  executable, with its callbacks, history, best.keras and state.npz saves on);
+  executable, with its callbacks, history, best.keras and state.npz saves on),
+  and `project/<backend>+bf16` the same with train.precision: mixed_bfloat16;
 - `keras/<backend>`: a plain Keras script of the same network, written directly
-  against Keras with no project code, `fit` on numpy arrays, batch 128;
+  against Keras with no project code, `fit` on numpy arrays, batch 128,
+  validating on the test set after each epoch as the tutorial does;
 - `torch`: a plain PyTorch loop of the same network, when torch is installed.
 
 Per configuration: min/median/max seconds per epoch over the epochs after the
@@ -47,23 +49,25 @@ BACKENDS = ("tensorflow", "jax")
 
 
 def _load_arrays(data: str | None):
-    """The training images as the tutorial prepares them: (N, 784) float32, one-hot labels."""
+    """Train and test arrays as the tutorial prepares them: (N, 784) float32, one-hot labels."""
     import numpy as np
 
     from mnist_mlp.config import DataConfig
     from mnist_mlp.data import load_dataset
 
     dataset = load_dataset(DataConfig(path=data))
-    x = dataset.x_train.reshape(len(dataset.x_train), 784).astype("float32") / 255.0
-    y = np.eye(10, dtype="float32")[dataset.y_train]
-    return x, y
+
+    def prepare(x, y):
+        return x.reshape(len(x), 784).astype("float32") / 255.0, np.eye(10, dtype="float32")[y]
+
+    return prepare(dataset.x_train, dataset.y_train), prepare(dataset.x_test, dataset.y_test)
 
 
 def worker_keras(data: str | None, epochs: int, batch_size: int, units: int) -> dict:
     """The plain Keras reference: no project code past loading the arrays."""
     import keras
 
-    x, y = _load_arrays(data)
+    (x, y), test = _load_arrays(data)
     keras.utils.set_random_seed(42)
     model = keras.Sequential(
         [
@@ -85,7 +89,16 @@ def worker_keras(data: str | None, epochs: int, batch_size: int, units: int) -> 
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.start)
 
-    model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Timer()])
+    # Validated on the test set after every epoch, as the tutorial (and mnist-mlp) does.
+    model.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        validation_data=test,
+        verbose=0,
+        callbacks=[Timer()],
+    )
     return {"seconds": times, "samples": len(x), "backend": keras.backend.backend()}
 
 
@@ -93,7 +106,7 @@ def worker_torch(data: str | None, epochs: int, batch_size: int, units: int) -> 
     """The plain PyTorch reference: the same network and Adam, fused, denormals flushed."""
     import torch
 
-    x, y = _load_arrays(data)
+    (x, y), _ = _load_arrays(data)  # no validation pass: a lower bound for the loop
     torch.manual_seed(42)
     torch.set_flush_denormal(True)
     model = torch.nn.Sequential(
@@ -173,8 +186,8 @@ def _run_child(command: list[str]) -> tuple[float, int, subprocess.CompletedProc
     return seconds, usage.ru_maxrss * 1024, subprocess.CompletedProcess(command, code)
 
 
-def project_run(args, backend: str, workdir: Path) -> dict:
-    run_dir = workdir / f"project-{backend}"
+def project_run(args, backend: str, workdir: Path, precision: str = "float32") -> dict:
+    run_dir = workdir / f"project-{backend}-{precision}"
     command = [
         str(EXECUTABLE),
         "train",
@@ -186,8 +199,7 @@ def project_run(args, backend: str, workdir: Path) -> dict:
         "--run-dir",
         str(run_dir),
     ]
-    if backend != "tensorflow":
-        command += ["--set", f"backend={backend}"]
+    command += ["--set", f"backend={backend}", "--set", f"train.precision={precision}"]
     seconds, rss, result = _run_child(command)
     if result.returncode != 0:
         return {"error": f"mnist-mlp train exited {result.returncode}"}
@@ -199,6 +211,7 @@ def project_run(args, backend: str, workdir: Path) -> dict:
         "peak_rss_bytes": rss,
         "process_seconds": seconds,
         "test_accuracy": metrics["final"]["test"]["accuracy"],
+        "precision": metrics["precision"],
         "run_dir": str(run_dir),
     }
 
@@ -261,18 +274,18 @@ def print_table(report: dict) -> None:
     rows = report["configurations"]
     references = [r["name"] for r in rows if not r["name"].startswith("project")]
     bound = report["lower_bound_seconds"]
-    header = f"{'configuration':<22}{'min':>7}{'median':>8}{'max':>7}{'samples/s':>11}"
+    header = f"{'configuration':<26}{'min':>7}{'median':>8}{'max':>7}{'samples/s':>11}"
     header += "".join(f"{'/' + ref:>19}" for ref in references) + f"{'/bound':>8}"
     print(header)
     medians = {r["name"]: r["median"] for r in rows}
     for r in rows:
-        line = f"{r['name']:<22}{r['min']:>7.2f}{r['median']:>8.2f}{r['max']:>7.2f}"
+        line = f"{r['name']:<26}{r['min']:>7.2f}{r['median']:>8.2f}{r['max']:>7.2f}"
         line += f"{r['samples_per_second']:>11,.0f}"
         line += "".join(f"{r['median'] / medians[ref]:>19.2f}" for ref in references)
         line += f"{r['median'] / bound:>8.1f}"
         print(line)
     for name, error in report["failed"].items():
-        print(f"{name:<22}not measured: {error}")
+        print(f"{name:<26}not measured: {error}")
     print(
         f"\nlower bound: {report['flops_per_epoch'] / 1e9:.0f} GFLOP per epoch at the measured "
         f"{report['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s float32 peak = {bound:.2f} s/epoch"
@@ -315,6 +328,10 @@ def main() -> int:
             results[f"project/{backend}"] = project_run(args, backend, Path(workdir))
             print(f"running keras/{backend} ...", flush=True)
             results[f"keras/{backend}"] = _run_worker("keras", backend, args)
+        for backend in backends:
+            name = f"project/{backend}+bf16"
+            print(f"running {name} (train.precision: mixed_bfloat16) ...", flush=True)
+            results[name] = project_run(args, backend, Path(workdir), "mixed_bfloat16")
         if importlib.util.find_spec("torch") is not None:
             print("running torch ...", flush=True)
             results["torch"] = _run_worker("torch", None, args)

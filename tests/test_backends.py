@@ -128,3 +128,58 @@ def test_a_wrong_jax_product_fails_the_install_check(monkeypatch):
     report = install_check.check_jax()
     assert report["devices"] and not any(d["ok"] for d in report["devices"])
     assert report["devices"][0]["error"] == "the product is wrong"
+
+
+# ------------------------------------------------------------------- precision
+
+
+def test_precision_policy_choice_per_device():
+    from mnist_mlp.errors import DeviceError
+
+    assert runtime.precision_policy("float32", "cpu") == "float32"
+    assert runtime.precision_policy("mixed_bfloat16", "cpu") == "mixed_bfloat16"
+    assert runtime.precision_policy("mixed_float16", "gpu") == "mixed_float16"
+    with pytest.raises(DeviceError, match="mixed_float16 needs a GPU"):
+        runtime.precision_policy("mixed_float16", "cpu")
+
+
+def test_mixed_float16_on_the_cpu_is_refused_before_any_work(run_cli, split_npz, tmp_path):
+    result = run_cli(
+        "train", *_args(split_npz, "train.precision=mixed_float16"), "--run-dir", tmp_path / "r"
+    )
+    assert_one_line_error(result, "mixed_float16 needs a GPU", "mixed_bfloat16")
+    assert not (tmp_path / "r").exists()
+
+
+@needs_t10k
+def test_a_mixed_bfloat16_run_computes_in_bfloat16_and_resumes_exactly(
+    run_cli, cli_env, split_npz, tmp_path
+):
+    from mnist_mlp import runtime as rt
+
+    rt.import_tensorflow()
+    import keras
+
+    args = _args(split_npz, "train.precision=mixed_bfloat16")
+    whole = tmp_path / "whole"
+    result = run_cli("train", *args, "--run-dir", whole)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert metrics["precision"] == "mixed_bfloat16"
+    assert metrics["final"]["test"]["accuracy"] > 0.93
+    model = keras.saving.load_model(whole / "model.keras")
+    hidden, softmax = model.get_layer("hidden"), model.get_layer("softmax")
+    assert hidden.dtype_policy.name == "mixed_bfloat16" and hidden.compute_dtype == "bfloat16"
+    assert hidden.kernel.dtype == "float32"  # weights stay float32
+    assert softmax.compute_dtype == "float32"
+    # Evaluate reproduces the run's test score exactly from the checkpoint.
+    report = json.loads(run_cli("evaluate", "--checkpoint", whole / "model.keras", "--json").stdout)
+    assert report["loss"] == metrics["final"]["test"]["loss"]
+    # Killed after its first epoch and resumed: the same run, bit for bit.
+    stopped = tmp_path / "stopped"
+    process = _start(cli_env, *args, "--run-dir", stopped)
+    _wait_for_epochs(stopped, 1, process)
+    process.kill()
+    process.communicate()
+    assert run_cli("train", "--resume", stopped).returncode == 0
+    _assert_same_run(whole, stopped)

@@ -245,20 +245,21 @@ def test_make_split_script_writes_the_8000_2000_split(tmp_path, split_arrays):
 
 def test_training_batches_follow_the_seed_and_epoch_order_and_skip():
     from mnist_mlp import runtime
-    from mnist_mlp.data import epoch_order, training_batches
+    from mnist_mlp.data import epoch_order, preprocess, training_batches
 
     runtime.import_tensorflow()
-    x = np.arange(10, dtype=np.float32).reshape(10, 1)
-    y = np.arange(10, dtype=np.float32).reshape(10, 1) * 2
-    batches = [b[0].numpy().ravel().tolist() for b in training_batches(x, y, 4, 3, 1, 3, skip=1)]
+    images = np.random.default_rng(0).integers(0, 256, size=(10, 784), dtype=np.uint8)
+    labels = np.arange(10) % 10
+    batches = list(training_batches(images, labels, 4, 3, 1, 3, skip=1))
     first, second = epoch_order(3, 1, 10), epoch_order(3, 2, 10)
     # Epoch 1 without its first batch, then all of epoch 2; the last batch of each is partial.
-    assert batches == [
-        first[4:8].tolist(),
-        first[8:].tolist(),
-        second[:4].tolist(),
-        second[4:8].tolist(),
-        second[8:].tolist(),
-    ]
+    orders = [first[4:8], first[8:], second[:4], second[4:8], second[8:]]
+    x, y = preprocess(images, labels)
+    assert len(batches) == len(orders)
+    for (bx, by), order in zip(batches, orders, strict=True):
+        # Bit for bit what preprocess gives, in the epoch's order.
+        np.testing.assert_array_equal(bx.numpy(), x[order])
+        np.testing.assert_array_equal(by.numpy(), y[order])
+        assert bx.dtype.name == "float32"
     assert not np.array_equal(first, second)  # every epoch has its own order
     np.testing.assert_array_equal(epoch_order(3, 1, 10), first)  # and it is reproducible

@@ -27,15 +27,11 @@ def _probabilities(labels: np.ndarray, accuracy: float, seed: int) -> np.ndarray
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _one_hot(labels):
-    return np.eye(10, dtype="float32")[labels]
-
-
 def test_confusion_matrix_and_per_class_scores_match_a_direct_count():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 500)
     probabilities = _probabilities(labels, 0.7, seed=1)
-    score = score_probabilities(probabilities, _one_hot(labels))
+    score = score_probabilities(probabilities, labels)
     predicted = probabilities.argmax(axis=1)
 
     matrix = np.asarray(score.confusion)
@@ -92,7 +88,7 @@ def test_mistakes_are_the_most_confident_wrong_ones_in_order():
 
 def test_evaluation_table_is_aligned_and_reads_back():
     labels = np.random.default_rng(2).integers(0, 10, 3000)
-    score = score_probabilities(_probabilities(labels, 0.9, seed=3), _one_hot(labels))
+    score = score_probabilities(_probabilities(labels, 0.9, seed=3), labels)
     report = EvalReport("runs/a/model.keras", "test data", score)
     lines = evaluation_lines(report)
     table = lines[lines.index(next(x for x in lines if x.startswith("class"))) :]
@@ -116,7 +112,7 @@ def _reports(accuracies, n=1000, seed=4):
         EvalReport(
             f"runs/{i}/model.keras",
             "test data",
-            score_probabilities(_probabilities(labels, acc, seed=seed + i), _one_hot(labels)),
+            score_probabilities(_probabilities(labels, acc, seed=seed + i), labels),
         )
         for i, acc in enumerate(accuracies)
     ]

@@ -96,6 +96,9 @@ class TrainConfig(_Section):
     deterministic: bool | None = None
     # null (off), or a mapping such as {patience: 5}; see EarlyStoppingConfig.
     early_stopping: EarlyStoppingConfig | None = None
+    # Keras's mixed precision: float32 everywhere, or the matrix products in
+    # bfloat16 (CPU or GPU) or float16 (GPU only) with float32 weights and outputs.
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
 
 
 class CheckpointConfig(_Section):

@@ -93,9 +93,13 @@ def preprocess(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The tutorial's preprocessing: 784 float32 values in [0, 1], one-hot labels."""
     import keras
 
-    features = x.reshape(len(x), INPUT_DIM).astype("float32") / 255.0
     targets = keras.utils.to_categorical(y, NUM_CLASSES).astype("float32")
-    return features, targets
+    return preprocess_images(x), targets
+
+
+def preprocess_images(x: np.ndarray) -> np.ndarray:
+    """uint8 images (N, 28, 28) or (N, 784) as the model's input: (N, 784) float32 / 255."""
+    return x.reshape(len(x), INPUT_DIM).astype("float32") / 255.0
 
 
 def validate_split(x: np.ndarray, y: np.ndarray, where: str) -> None:
@@ -247,18 +251,24 @@ def epoch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
 
 
 def training_batches(
-    x, y, batch_size: int, seed: int, first_epoch: int, epochs: int, skip: int = 0
+    images, labels, batch_size: int, seed: int, first_epoch: int, epochs: int, skip: int = 0
 ):
     """A tf.data pipeline of the batches of epochs `first_epoch`..`epochs - 1`, in order.
 
+    Args:
+        images: uint8 pixels, (N, 784); kept once, as uint8, inside TensorFlow.
+        labels: integer classes, (N,).
+
+    Each batch is preprocessed as `preprocess` does it (float32 / 255, one-hot),
+    bit for bit, so the data costs a quarter of the memory of a float32 copy.
     Each epoch yields ceil(N / batch_size) batches (the last one partial), so
     `fit(..., steps_per_epoch=ceil(N / batch_size))` keeps epoch boundaries.
     `skip` drops the first batches of `first_epoch` (already trained before a resume).
     """
     import tensorflow as tf
 
-    samples = len(x)
-    features, targets = tf.constant(x), tf.constant(y)
+    samples = len(images)
+    pixels, classes = tf.constant(images), tf.constant(labels)
 
     def order(epoch):
         return epoch_order(seed, int(epoch), samples).astype(np.int64)
@@ -268,10 +278,15 @@ def training_batches(
         indices.set_shape([samples])
         return tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
 
+    def batch(idx):
+        x = tf.cast(tf.gather(pixels, idx), tf.float32) / 255.0
+        y = tf.one_hot(tf.gather(classes, idx), NUM_CLASSES, dtype=tf.float32)
+        return x, y
+
     return (
         tf.data.Dataset.range(first_epoch, epochs)
         .flat_map(epoch_batches)
         .skip(skip)
-        .map(lambda idx: (tf.gather(features, idx), tf.gather(targets, idx)))
+        .map(batch)
         .prefetch(tf.data.AUTOTUNE)
     )

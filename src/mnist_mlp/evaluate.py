@@ -16,7 +16,7 @@ import numpy as np
 
 from mnist_mlp import files, runtime
 from mnist_mlp.config import DataConfig
-from mnist_mlp.data import INPUT_DIM, NUM_CLASSES, load_dataset, preprocess
+from mnist_mlp.data import INPUT_DIM, NUM_CLASSES, load_dataset, preprocess_images
 from mnist_mlp.errors import CheckpointError, RunDirError, TrainingError
 
 # Fixed, not the run's batch size: prediction results must not depend on
@@ -150,21 +150,41 @@ class EvalReport:
         )
 
 
-def score(model, x: np.ndarray, y: np.ndarray) -> Score:
-    """Score `model` on preprocessed inputs `x` (N, 784) and one-hot targets `y` (N, 10)."""
-    return score_probabilities(model.predict(x, batch_size=EVAL_BATCH_SIZE, verbose=0), y)
+# Images preprocessed per call of model.predict: float32 copies of a whole
+# training set would cost four times its uint8 size in memory.
+SCORE_CHUNK = 10 * EVAL_BATCH_SIZE
 
 
-def score_probabilities(probabilities: np.ndarray, y: np.ndarray) -> Score:
-    """The Score of predicted class probabilities (N, 10) against one-hot targets (N, 10)."""
+def predict_probabilities(model, images: np.ndarray) -> np.ndarray:
+    """Class probabilities (N, 10) for raw uint8 images (N, 28, 28) or (N, 784).
+
+    Chunks are whole multiples of EVAL_BATCH_SIZE, so every batch the model
+    sees, and so every number, is the same as one predict call over all images.
+    """
+    parts = [
+        model.predict(
+            preprocess_images(images[i : i + SCORE_CHUNK]), batch_size=EVAL_BATCH_SIZE, verbose=0
+        )
+        for i in range(0, len(images), SCORE_CHUNK)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), "float32")
+
+
+def score(model, images: np.ndarray, labels: np.ndarray) -> Score:
+    """Score `model` on raw uint8 images and their integer labels."""
+    return score_probabilities(predict_probabilities(model, images), labels)
+
+
+def score_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> Score:
+    """The Score of predicted class probabilities (N, 10) against integer labels (N,)."""
     import keras
 
+    targets = np.eye(NUM_CLASSES, dtype="float32")[labels]
     loss = float(
-        keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(y, probabilities))
+        keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(targets, probabilities))
         .astype("float64")
         .mean()
     )
-    labels = y.argmax(axis=1)
     predicted = probabilities.argmax(axis=1)
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
@@ -314,19 +334,18 @@ def evaluate(
     tf = runtime.import_tensorflow()
     models = [load_checkpoint(c) for c in checkpoints]
     dataset = load_dataset(data, splits=("test",))
-    x, y = preprocess(dataset.x_test, dataset.y_test)
     reports = []
     for checkpoint, model in zip(checkpoints, models, strict=True):
         try:
             with runtime.quiet_tensorflow():
-                probabilities = model.predict(x, batch_size=EVAL_BATCH_SIZE, verbose=0)
+                probabilities = predict_probabilities(model, dataset.x_test)
         except tf.errors.OpError as err:
             raise TrainingError.from_op_error(err) from None
         reports.append(
             EvalReport(
                 checkpoint=checkpoint,
                 data=dataset.describe(),
-                score=score_probabilities(probabilities, y),
+                score=score_probabilities(probabilities, dataset.y_test),
                 mistakes=most_confident_mistakes(probabilities, dataset.y_test),
             )
         )

@@ -31,7 +31,9 @@ def build_model(config: ModelConfig):
             layers.Dropout(config.dropout_rate, name="dropout"),
             layers.Activation("relu", name="relu"),
             layers.Dense(NUM_CLASSES, name="logits"),
-            layers.Activation("softmax", name="softmax"),
+            # float32 under mixed precision too, as Keras advises: the loss is
+            # computed from these probabilities.
+            layers.Activation("softmax", name="softmax", dtype="float32"),
         ],
         name="mnist_mlp",
     )

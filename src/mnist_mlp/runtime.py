@@ -254,6 +254,21 @@ def _select_jax_device(requested: str) -> Device:
     return Device(kind, name, description, gpus_found=len(gpus), visible=visible)
 
 
+def precision_policy(precision: str, device_kind: str) -> str:
+    """The Keras dtype policy for `train.precision` on a device of `device_kind`.
+
+    Raises:
+        DeviceError: mixed_float16 on a CPU, which has no float16 arithmetic (Keras
+            would emulate it, many times slower than float32).
+    """
+    if precision == "mixed_float16" and device_kind != "gpu":
+        raise DeviceError(
+            "train.precision: mixed_float16 needs a GPU (CPUs have no float16 arithmetic); "
+            "use mixed_bfloat16 or float32 on the CPU"
+        )
+    return precision
+
+
 def quiet_tensorflow():
     """A context in which TensorFlow's known noise on stderr is dropped (see _STARTUP_NOISE)."""
     return _filtered_stderr()

@@ -67,6 +67,7 @@ def train(
         )
     # Device next: `device: gpu` without one fails before any other work.
     device = runtime.select_device(config.device)
+    policy = runtime.precision_policy(config.train.precision, device.kind)
     tf = runtime.import_tensorflow()
     deterministic = config.train.deterministic
     if deterministic is None:
@@ -80,29 +81,40 @@ def train(
     import keras
 
     from mnist_mlp.callbacks import read_history
-    from mnist_mlp.data import load_dataset, preprocess, training_batches
+    from mnist_mlp.data import INPUT_DIM, load_dataset, preprocess, training_batches
     from mnist_mlp.evaluate import score
     from mnist_mlp.model import build_model, compile_model
 
     dataset = load_dataset(config.data)
     report(f"data: {dataset.describe()}")
-    x_train, y_train = preprocess(dataset.x_train, dataset.y_train)
-    x_test, y_test = preprocess(dataset.x_test, dataset.y_test)
+    # The training images stay uint8: training_batches and score turn them into
+    # float32 a batch or a chunk at a time (a float32 copy is four times larger).
+    images = dataset.x_train.reshape(len(dataset.x_train), INPUT_DIM)
+    labels = dataset.y_train
     split = config.train.validation_split
-    fitted = train_size(len(x_train), split)
-    if split and not 0 < fitted < len(x_train):
+    fitted = train_size(len(images), split)
+    if split and not 0 < fitted < len(images):
         raise ConfigError(
-            f"train.validation_split: {split} of {len(x_train):,} training images leaves "
-            f"{fitted:,} to train on and {len(x_train) - fitted:,} to validate; choose a "
+            f"train.validation_split: {split} of {len(images):,} training images leaves "
+            f"{fitted:,} to train on and {len(images) - fitted:,} to validate; choose a "
             "fraction that leaves both parts non-empty"
         )
-    x_fit, y_fit = x_train[:fitted], y_train[:fitted]
-    validation = (x_train[fitted:], y_train[fitted:]) if split else (x_test, y_test)
+    validation = (
+        preprocess(images[fitted:], labels[fitted:])
+        if split
+        else preprocess(dataset.x_test, dataset.y_test)
+    )
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.model)
+    previous_policy = keras.mixed_precision.dtype_policy()
+    # Global in Keras: set for building this model only (its layers keep it).
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        model = build_model(config.model)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
     compile_model(model, config.train)
-    report(f"model: {model.count_params():,} parameters")
+    report(f"model: {model.count_params():,} parameters ({policy})")
 
     history: list[dict] = []
     resumed = None
@@ -157,7 +169,13 @@ def train(
                     continue
                 model.fit(
                     training_batches(
-                        x_fit, y_fit, config.train.batch_size, config.seed, first, last, skipped
+                        images[:fitted],
+                        labels[:fitted],
+                        config.train.batch_size,
+                        config.seed,
+                        first,
+                        last,
+                        skipped,
                     ),
                     epochs=last,
                     initial_epoch=first,
@@ -195,8 +213,8 @@ def train(
             validation=f"last {split:.0%} of training set" if split else "test set",
         )
         with runtime.quiet_tensorflow():
-            train_score = score(model, x_fit, y_fit)
-            test_score = score(model, x_test, y_test)
+            train_score = score(model, images[:fitted], labels[:fitted])
+            test_score = score(model, dataset.x_test, dataset.y_test)
     except OSError as err:  # history.csv could not be appended (disk full, removed)
         raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
     except tf.errors.OpError as err:
@@ -214,12 +232,13 @@ def train(
         "device": device.as_dict(),
         "backend": runtime.backend(),
         "deterministic": deterministic,
+        "precision": policy,
         "versions": runtime.versions(),
         "data": {
             "source": dataset.source,
             "train_samples": fitted,
             "validation": f"last {split:.0%} of the training set" if split else "test set",
-            "test_samples": len(x_test),
+            "test_samples": len(dataset.x_test),
         },
         "model": {"parameters": int(model.count_params())},
         "epochs": len(rows),
