@@ -40,6 +40,16 @@ _checkpoint_option = click.option(
 )
 
 
+def _device_option(help_text: str):
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "gpu"]),
+        default="auto",
+        show_default=True,
+        help=help_text,
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="mnist-mlp")
 def cli() -> None:
@@ -268,13 +278,7 @@ def evaluate(
 @cli.command()
 @_checkpoint_option
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "gpu"]),
-    default="auto",
-    show_default=True,
-    help="Device to predict on.",
-)
+@_device_option("Device to predict on.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print results and errors as one JSON document."
 )
@@ -317,13 +321,7 @@ def predict(checkpoint: str, inputs: tuple[str, ...], device: str, as_json: bool
     '(a file; needs pip install "mnist-mlp[onnx]").',
 )
 @click.option("--output", required=True, metavar="PATH", help="Where to write it; must not exist.")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "gpu"]),
-    default="auto",
-    show_default=True,
-    help="Device to load the model on (the check itself runs on the CPU).",
-)
+@_device_option("Device to load the model on (the check itself runs on the CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 @click.option("--verbose", "-v", is_flag=True, help="Show what the converters print.")
 def export_command(

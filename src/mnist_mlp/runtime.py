@@ -139,7 +139,7 @@ def import_tensorflow():
             if _backend != "tensorflow" and gpus:
                 # TensorFlow only feeds the data then: it must not take the GPU's
                 # memory from the backend that computes.
-                tf.config.set_visible_devices([], "GPU")
+                _hide_gpus(tf, f"backend: {_backend}")
     except ImportError as err:
         raise InstallError(
             f"cannot import TensorFlow/Keras ({err}); reinstall with "
@@ -211,14 +211,7 @@ def select_device(requested: str) -> Device:
     gpus = tf.config.list_physical_devices("GPU")
     kind = resolve_device(requested, [g.name for g in gpus])
     if kind == "cpu" and gpus:
-        # Hide the GPUs so no op lands on them; must happen before TF initialises.
-        try:
-            tf.config.set_visible_devices([], "GPU")
-        except RuntimeError as err:
-            raise DeviceError(
-                f"cannot hide the GPUs for device: cpu ({err}); "
-                "set CUDA_VISIBLE_DEVICES=-1 before starting"
-            ) from None
+        _hide_gpus(tf, "device: cpu")
     if kind == "gpu":
         details = tf.config.experimental.get_device_details(gpus[0])
         description = f"GPU 0: {details.get('device_name', gpus[0].name)}"
@@ -228,6 +221,17 @@ def select_device(requested: str) -> Device:
         name = "/device:CPU:0"
     visible = tuple(d.name for d in tf.config.list_logical_devices())
     return Device(kind, name, description, gpus_found=len(gpus), visible=visible)
+
+
+def _hide_gpus(tf, why: str) -> None:
+    """Keep TensorFlow off every GPU; only possible before it initialises them."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as err:
+        raise DeviceError(
+            f"cannot hide the GPUs from TensorFlow for {why} ({err}); "
+            "set CUDA_VISIBLE_DEVICES=-1 before starting"
+        ) from None
 
 
 def _select_jax_device(requested: str) -> Device:
