@@ -243,23 +243,40 @@ def test_make_split_script_writes_the_8000_2000_split(tmp_path, split_arrays):
             np.testing.assert_array_equal(written[key], expected)
 
 
-def test_training_batches_follow_the_seed_and_epoch_order_and_skip():
+@pytest.mark.parametrize("form", ["tensorflow", "jax"], ids=["tf.data", "PyDataset"])
+def test_training_batches_follow_the_seed_and_epoch_order_and_skip(form):
     from mnist_mlp import runtime
-    from mnist_mlp.data import epoch_order, preprocess, training_batches
+    from mnist_mlp.data import TrainingBatches, epoch_order, preprocess
 
     runtime.import_tensorflow()
     images = np.random.default_rng(0).integers(0, 256, size=(10, 784), dtype=np.uint8)
     labels = np.arange(10) % 10
-    batches = list(training_batches(images, labels, 4, 3, 1, 3, skip=1))
-    first, second = epoch_order(3, 1, 10), epoch_order(3, 2, 10)
-    # Epoch 1 without its first batch, then all of epoch 2; the last batch of each is partial.
-    orders = [first[4:8], first[8:], second[:4], second[4:8], second[8:]]
     x, y = preprocess(images, labels)
-    assert len(batches) == len(orders)
-    for (bx, by), order in zip(batches, orders, strict=True):
-        # Bit for bit what preprocess gives, in the epoch's order.
-        np.testing.assert_array_equal(bx.numpy(), x[order])
-        np.testing.assert_array_equal(by.numpy(), y[order])
-        assert bx.dtype.name == "float32"
+
+    def passes(feed, epochs):
+        data = feed.for_fit(form)  # built once, iterated once per epoch as fit does
+        for epoch in epochs:
+            feed.epoch = epoch  # what callbacks.EpochFeed does at each epoch begin
+            if form == "tensorflow":
+                yield [(bx.numpy(), by.numpy()) for bx, by in data]
+            else:
+                yield [data[i] for i in range(len(data))]
+
+    first, second = epoch_order(3, 1, 10), epoch_order(3, 2, 10)
+    full = TrainingBatches(images, labels, 4, 3, epoch=1)
+    # Each pass is one epoch in that epoch's order; the last batch is partial.
+    expected = [[first[:4], first[4:8], first[8:]], [second[:4], second[4:8], second[8:]]]
+    got = list(passes(full, [1, 2]))
+    # A feed that skips (a mid-epoch resume) starts its epoch after the skipped batches.
+    got.append(next(passes(TrainingBatches(images, labels, 4, 3, epoch=1, skip=1), [1])))
+    expected.append([first[4:8], first[8:]])
+    assert full.num_batches == 3
+    assert [len(p) for p in got] == [len(p) for p in expected]
+    for pass_, orders in zip(got, expected, strict=True):
+        for (bx, by), order in zip(pass_, orders, strict=True):
+            # Bit for bit what preprocess gives, in the epoch's order.
+            np.testing.assert_array_equal(bx, x[order])
+            np.testing.assert_array_equal(by, y[order])
+            assert bx.dtype.name == "float32" and by.dtype.name == "float32"
     assert not np.array_equal(first, second)  # every epoch has its own order
     np.testing.assert_array_equal(epoch_order(3, 1, 10), first)  # and it is reproducible

@@ -123,6 +123,16 @@ def test_two_runs_with_the_same_seed_are_identical(reference_run, run_cli, split
     assert json.loads((again / "metrics.json").read_text())["deterministic"] is True
 
 
+def test_steps_per_execution_changes_no_weight(reference_run, run_cli, split_npz, tmp_path):
+    # The reference groups its 63 steps per epoch as 32 + 31; one step per call
+    # into TensorFlow must train the very same model, and report the same epochs.
+    one = tmp_path / "one"
+    args = _args(split_npz, "train.steps_per_execution=1")
+    assert run_cli("train", *args, "--run-dir", one).returncode == 0
+    assert load_config(reference_run / "config.yaml").train.steps_per_execution == 32
+    _assert_same_run(reference_run, one)
+
+
 def test_a_different_seed_gives_a_different_run(reference_run, run_cli, split_npz, tmp_path):
     other = tmp_path / "other"
     assert run_cli("train", *_args(split_npz, "seed=7"), "--run-dir", other).returncode == 0
@@ -265,8 +275,11 @@ def test_early_stopping_stops_by_keras_rule_and_restores_best(run_cli, split_npz
             np.testing.assert_array_equal(final, best)
 
 
+@pytest.mark.parametrize(
+    ("steps_per_execution", "where"), [(1, "epoch 2, batch 5"), (4, "epoch 2, batches 5-8")]
+)
 def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_state(
-    split_npz, tmp_path, monkeypatch
+    split_npz, tmp_path, monkeypatch, steps_per_execution, where
 ):
     import tensorflow as tf
 
@@ -274,24 +287,26 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_state(
     from mnist_mlp.errors import TrainingError
     from mnist_mlp.train import train
 
-    steps_per_epoch = 63  # ceil(8000 / 128)
-    poisoned_step = steps_per_epoch + 4  # epoch 2, batch 5
-    real = data.training_batches
+    real = data.TrainingBatches.tf_dataset
 
-    def poisoned(*args, **kwargs):
+    def poisoned(self):
         def poison(step, batch):
+            # Batch 5 of epoch 2 (0-based epoch 1, step 4) is all NaN.
+            hit = tf.numpy_function(lambda s: np.bool_(self.epoch == 1 and s == 4), [step], tf.bool)
+            hit.set_shape([])
             x, y = batch
-            return tf.where(step == poisoned_step, tf.fill(tf.shape(x), float("nan")), x), y
+            return tf.where(hit, tf.fill(tf.shape(x), float("nan")), x), y
 
-        return real(*args, **kwargs).enumerate().map(poison)
+        return real(self).enumerate().map(poison)
 
-    monkeypatch.setattr(data, "training_batches", poisoned)
+    monkeypatch.setattr(data.TrainingBatches, "tf_dataset", poisoned)
     run_dir = tmp_path / "nan"
-    config = load_config(None, [f"data.path={split_npz}", "train.epochs=3", "device=cpu"])
+    overrides = [f"train.steps_per_execution={steps_per_execution}", "train.epochs=3"]
+    config = load_config(None, [f"data.path={split_npz}", "device=cpu", *overrides])
     with pytest.raises(TrainingError) as info:
         train(config, run_dir)
     message = str(info.value)
-    assert "epoch 2, batch 5" in message and "state after epoch 1 is kept" in message
+    assert f"in {where};" in message and "state after epoch 1 is kept" in message
     with np.load(run_dir / "state.npz") as state:
         assert int(state["epochs_done"]) == 1
         assert all(np.isfinite(state[k]).all() for k in state.files if k.startswith("model/0"))
@@ -359,13 +374,13 @@ def test_best_model_uses_early_stoppings_min_delta(tmp_path, monkeypatch):
 
     saved = []
     monkeypatch.setattr(files, "save_model", lambda model, path: saved.append(path))
-    best = BestModel(tmp_path / "best.keras", "val_accuracy", NanGuard(), min_delta=0.01)
+    best = BestModel(tmp_path / "best.keras", "val_accuracy", NanGuard(10), min_delta=0.01)
     for epoch, value in enumerate([0.50, 0.505, 0.52, 0.525]):
         best.on_epoch_end(epoch, {"val_accuracy": value})
     # 0.505 and 0.525 improve by less than min_delta: Keras's EarlyStopping
     # would not count them, so best.keras must not either.
     assert len(saved) == 2 and best.best == 0.52
-    losses = BestModel(tmp_path / "b.keras", "val_loss", NanGuard(), min_delta=0.01)
+    losses = BestModel(tmp_path / "b.keras", "val_loss", NanGuard(10), min_delta=0.01)
     for epoch, value in enumerate([0.5, 0.495, 0.48]):
         losses.on_epoch_end(epoch, {"val_loss": value})
     assert len(saved) == 4 and losses.best == 0.48

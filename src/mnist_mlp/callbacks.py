@@ -18,6 +18,21 @@ from mnist_mlp.errors import CheckpointError
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 
 
+class EpochFeed(keras.callbacks.Callback):
+    """Tells the training data (data.TrainingBatches) which epoch begins.
+
+    First in the callback list: fit opens the epoch's pass over the data only
+    after the epoch-begin callbacks have run.
+    """
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch = epoch
+
+
 class EpochLog(keras.callbacks.Callback):
     """Times each epoch and appends one row per epoch to history.csv.
 
@@ -121,29 +136,49 @@ class NanGuard(keras.callbacks.Callback):
 
     This is Keras's TerminateOnNaN plus what it lacks: TerminateOnNaN prints
     batches counted from 0 (and from the resume point after a resume) and
-    `on_epoch_end` still runs for the broken epoch. Here the epoch and batch
+    `on_epoch_end` still runs for the broken epoch. Here the epoch and batches
     are kept for the error message, and the saving callbacks ask `tripped`
     first, so the last good state and best.keras survive.
+
+    With `steps_per_execution` > 1 Keras reports only every that many batches,
+    so a loss is known to have broken somewhere in a range of batches.
     """
 
-    def __init__(self, offset: int = 0):
-        """Args: offset: batches already done in the first epoch (a mid-epoch resume)."""
+    def __init__(self, steps_per_epoch: int, offset: int = 0):
+        """Args: steps_per_epoch: batches per epoch; offset: batches already done
+        in the first epoch (a mid-epoch resume)."""
         super().__init__()
-        self.where: tuple[int, int] | None = None
+        self.where: tuple[int, int | None, int | None] | None = None
+        self.steps_per_epoch = steps_per_epoch
         self.offset = offset
         self._epoch = 0
+        self._done = offset
 
     @property
     def tripped(self) -> bool:
         return self.where is not None
 
+    def describe(self) -> str:
+        """Where it tripped: "epoch 2, batch 5", "epoch 2, batches 1-32" or "epoch 2"."""
+        epoch, first, last = self.where
+        if first is None:
+            return f"epoch {epoch}"
+        if first == last:
+            return f"epoch {epoch}, batch {last}"
+        return f"epoch {epoch}, batches {first}-{last}"
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._done = self.offset
 
     def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the last step Keras ran, counted from 0 in this fit call;
+        # past the epoch's end when the last group of steps is partial.
+        done = min(self.offset + batch + 1, self.steps_per_epoch)
         loss = (logs or {}).get("loss")
         if self.where is None and loss is not None and not np.isfinite(loss):
-            self.trip(self._epoch + 1, self.offset + batch + 1)
+            self.trip(self._epoch + 1, self._done + 1, done)
+        self._done = done
 
     def on_epoch_end(self, epoch, logs=None):
         self.offset = 0
@@ -151,10 +186,10 @@ class NanGuard(keras.callbacks.Callback):
         # logged; validation then shows it.
         values = [v for k, v in (logs or {}).items() if k in ("loss", "val_loss")]
         if self.where is None and not all(np.isfinite(v) for v in values):
-            self.trip(epoch + 1, None)
+            self.trip(epoch + 1, None, None)
 
-    def trip(self, epoch: int, batch: int | None) -> None:
-        self.where = (epoch, batch)
+    def trip(self, epoch: int, first: int | None, last: int | None) -> None:
+        self.where = (epoch, first, last)
         self.model.stop_training = True
 
 
@@ -219,9 +254,11 @@ class TrainingState(keras.callbacks.Callback):
         self.saved = resumed or checkpoint.Progress(0)
         self.seconds: list[float] = []
         self._epoch = 0
+        self._done = self.offset
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._done = self.offset
 
     def on_train_batch_end(self, batch, logs=None):
         if self._pending_totals:
@@ -229,11 +266,17 @@ class TrainingState(keras.callbacks.Callback):
                 if variable.path in self._pending_totals:
                     variable.assign_add(self._pending_totals[variable.path])
             self._pending_totals = {}
-        done = self.offset + batch + 1
+        # `batch` is the last step Keras ran (see NanGuard.on_train_batch_end).
+        done, before = self.offset + batch + 1, self._done
+        self._done = done
         if done >= self.steps_per_epoch:
             return  # the epoch-end save (and stop) follows at once
         stop = signals.requested()
-        due = self.every_batches is not None and done % self.every_batches == 0
+        # Keras reports every steps_per_execution batches: save at the first
+        # report at or past each multiple of every_batches.
+        due = self.every_batches is not None and (
+            done // self.every_batches > before // self.every_batches
+        )
         if (stop or due) and not self.guard.tripped:
             totals = checkpoint.metric_totals(self.model)
             self._save(checkpoint.Progress(self._epoch, done, totals))
@@ -250,8 +293,12 @@ class TrainingState(keras.callbacks.Callback):
 
     def _save(self, progress: checkpoint.Progress) -> None:
         if not all(np.isfinite(v.numpy()).all() for v in self.model.trainable_variables):
-            # An update went to NaN/inf after the last finite loss: keep the old state.
-            self.guard.trip(progress.epochs_done + 1, progress.batches_done or None)
+            # The last update went to NaN/inf after a finite loss: keep the old state.
+            if progress.batches_done:
+                batch = progress.batches_done
+                self.guard.trip(progress.epochs_done + 1, batch, batch)
+            else:
+                self.guard.trip(progress.epochs_done, None, None)
             return
         checkpoint.save_state(self.model, self.path, progress)
         self.saved = progress

@@ -99,6 +99,11 @@ class TrainConfig(_Section):
     # Keras's mixed precision: float32 everywhere, or the matrix products in
     # bfloat16 (CPU or GPU) or float16 (GPU only) with float32 weights and outputs.
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    # Training steps Keras runs per call into the backend (compile's
+    # steps_per_execution): fewer round trips through Python. Callbacks then see
+    # every Nth batch, so the progress bar, Ctrl-C and checkpoint.every_batches
+    # act at most N - 1 batches later; the weights are the same for any N.
+    steps_per_execution: int = Field(32, ge=1, le=10_000)
 
 
 class CheckpointConfig(_Section):

@@ -8,6 +8,7 @@ one line naming the file and what is wrong with it.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zipfile
 import zlib
@@ -250,43 +251,98 @@ def epoch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(samples)
 
 
-def training_batches(
-    images, labels, batch_size: int, seed: int, first_epoch: int, epochs: int, skip: int = 0
-):
-    """A tf.data pipeline of the batches of epochs `first_epoch`..`epochs - 1`, in order.
+class TrainingBatches:
+    """The training batches of one epoch per pass, as `fit` consumes its data.
 
-    Args:
-        images: uint8 pixels, (N, 784); kept once, as uint8, inside TensorFlow.
-        labels: integer classes, (N,).
+    `fit` iterates its data once per epoch. Which epoch a pass yields is
+    `epoch`, set by the callbacks.EpochFeed callback at each epoch's start
+    (before fit opens the pass), so each epoch visits the images in
+    `epoch_order(seed, epoch)`, whatever the process trained before it.
 
-    Each batch is preprocessed as `preprocess` does it (float32 / 255, one-hot),
-    bit for bit, so the data costs a quarter of the memory of a float32 copy.
-    Each epoch yields ceil(N / batch_size) batches (the last one partial), so
-    `fit(..., steps_per_epoch=ceil(N / batch_size))` keeps epoch boundaries.
-    `skip` drops the first batches of `first_epoch` (already trained before a resume).
+    A pass has `num_batches` batches, the last one partial, and ends there:
+    Keras's `steps_per_execution` then groups steps without running into the
+    next epoch. `skip` drops the first batches of every pass (the part of an
+    epoch already trained before a mid-epoch resume; such a feed is used for
+    that one epoch).
+
+    The images stay uint8, once, and each batch is made as `preprocess` would
+    make it (float32 / 255, one-hot), bit for bit: a float32 copy of the data
+    would take four times the memory.
     """
-    import tensorflow as tf
 
-    samples = len(images)
-    pixels, classes = tf.constant(images), tf.constant(labels)
+    def __init__(self, images, labels, batch_size: int, seed: int, epoch: int, skip: int = 0):
+        """Args: images (N, 784) uint8; labels (N,) integer classes; `epoch` 0-based."""
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.epoch, self.skip = batch_size, seed, epoch, skip
+        self.num_batches = math.ceil(len(images) / batch_size) - skip
+        if self.num_batches < 1:
+            raise ValueError(f"skip={skip} leaves no batch of {len(images)} images")
+        self._order: tuple[int, np.ndarray] | None = None
 
-    def order(epoch):
-        return epoch_order(seed, int(epoch), samples).astype(np.int64)
+    def order(self) -> np.ndarray:
+        """The sample indices of this pass: the epoch's order, less the skipped batches."""
+        if self._order is None or self._order[0] != self.epoch:
+            order = epoch_order(self.seed, self.epoch, len(self.images))
+            self._order = (self.epoch, order[self.skip * self.batch_size :].astype(np.int64))
+        return self._order[1]
 
-    def epoch_batches(epoch):
-        indices = tf.numpy_function(order, [epoch], tf.int64, stateful=False)
-        indices.set_shape([samples])
-        return tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
-
-    def batch(idx):
-        x = tf.cast(tf.gather(pixels, idx), tf.float32) / 255.0
-        y = tf.one_hot(tf.gather(classes, idx), NUM_CLASSES, dtype=tf.float32)
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `index` of this pass, as numpy arrays."""
+        idx = self.order()[index * self.batch_size : (index + 1) * self.batch_size]
+        x = self.images[idx].astype(np.float32) / np.float32(255.0)
+        y = np.eye(NUM_CLASSES, dtype=np.float32)[self.labels[idx]]
         return x, y
 
-    return (
-        tf.data.Dataset.range(first_epoch, epochs)
-        .flat_map(epoch_batches)
-        .skip(skip)
-        .map(batch)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    def for_fit(self, backend: str):
+        """What `fit` is given: a tf.data pipeline under TensorFlow, else a keras PyDataset.
+
+        tf.data runs in TensorFlow's own threads; under JAX its batches would be
+        converted back from TensorFlow tensors, which costs more than making them
+        with numpy in Keras's loop.
+        """
+        return self.tf_dataset() if backend == "tensorflow" else self.py_dataset()
+
+    def tf_dataset(self):
+        """The pass as a tf.data pipeline: gather, cast and one-hot inside TensorFlow."""
+        import tensorflow as tf
+
+        pixels, classes = tf.constant(self.images), tf.constant(self.labels)
+        samples = len(self.images) - self.skip * self.batch_size
+
+        def indices(_):
+            # Runs at the start of each pass, so it reads the epoch of that pass.
+            order = tf.numpy_function(self.order, [], tf.int64, stateful=True)
+            order.set_shape([samples])
+            return tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
+
+        def batch(idx):
+            x = tf.cast(tf.gather(pixels, idx), tf.float32) / 255.0
+            y = tf.one_hot(tf.gather(classes, idx), NUM_CLASSES, dtype=tf.float32)
+            return x, y
+
+        return (
+            tf.data.Dataset.range(1)
+            .flat_map(indices)
+            .map(batch)
+            # flat_map hides the length; Keras needs it to end each pass.
+            .apply(tf.data.experimental.assert_cardinality(self.num_batches))
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def py_dataset(self):
+        """The pass as a keras.utils.PyDataset, batches made in Keras's loop (no threads)."""
+        import keras
+
+        feed = self
+
+        class Batches(keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__(workers=1, use_multiprocessing=False)
+
+            def __len__(self):
+                return feed.num_batches
+
+            def __getitem__(self, index):
+                return feed.batch(index)
+
+        return Batches()

@@ -80,14 +80,14 @@ def train(
 
     import keras
 
-    from mnist_mlp.callbacks import read_history
-    from mnist_mlp.data import INPUT_DIM, load_dataset, preprocess, training_batches
+    from mnist_mlp.callbacks import EpochFeed, read_history
+    from mnist_mlp.data import INPUT_DIM, TrainingBatches, load_dataset, preprocess
     from mnist_mlp.evaluate import score
     from mnist_mlp.model import build_model, compile_model
 
     dataset = load_dataset(config.data)
     report(f"data: {dataset.describe()}")
-    # The training images stay uint8: training_batches and score turn them into
+    # The training images stay uint8: TrainingBatches and score turn them into
     # float32 a batch or a chunk at a time (a float32 copy is four times larger).
     images = dataset.x_train.reshape(len(dataset.x_train), INPUT_DIM)
     labels = dataset.y_train
@@ -150,7 +150,7 @@ def train(
     stopper = callbacks.get("stopper")
     skip = resumed.batches_done if resumed else 0
     # A mid-epoch resume fits the rest of that epoch first, as its own fit call
-    # (fit takes one steps_per_epoch for all epochs), then the remaining epochs.
+    # with its own shorter pass over the data, then the remaining epochs.
     phases = [(epochs_done, epochs_done + 1, skip), (epochs_done + 1, config.train.epochs, 0)]
     if not skip:
         phases = [(epochs_done, config.train.epochs, 0)]
@@ -167,28 +167,25 @@ def train(
             for first, last, skipped in phases:
                 if first >= last or model.stop_training:
                     continue
+                batches = TrainingBatches(
+                    images[:fitted],
+                    labels[:fitted],
+                    config.train.batch_size,
+                    config.seed,
+                    epoch=first,
+                    skip=skipped,
+                )
                 model.fit(
-                    training_batches(
-                        images[:fitted],
-                        labels[:fitted],
-                        config.train.batch_size,
-                        config.seed,
-                        first,
-                        last,
-                        skipped,
-                    ),
+                    batches.for_fit(keras.backend.backend()),
                     epochs=last,
                     initial_epoch=first,
-                    steps_per_epoch=steps - skipped,
                     validation_data=validation,
-                    # The order comes from training_batches (data.epoch_order), not fit.
+                    # The order comes from TrainingBatches (data.epoch_order), not fit.
                     shuffle=False,
-                    callbacks=list(callbacks.values()),
+                    callbacks=[EpochFeed(batches), *callbacks.values()],
                     verbose=1 if progress_bar else 0,
                 )
         if guard.tripped:
-            epoch, batch = guard.where
-            where = f"epoch {epoch}, batch {batch}" if batch else f"epoch {epoch}"
             kept = state.saved
             saved = (
                 f"the state after epoch {kept.epochs_done}"
@@ -198,7 +195,7 @@ def train(
                 else "nothing was saved"
             )
             raise TrainingError(
-                f"the loss became NaN or infinite in {where}; training "
+                f"the loss became NaN or infinite in {guard.describe()}; training "
                 f"stopped and {saved} in {run_dir}; lower train.learning_rate and start a new run"
             )
         stopped = stopper is not None and stopper.stopped_epoch > 0
@@ -288,7 +285,7 @@ def _callbacks(
     )
 
     monitor = config.checkpoint.monitor
-    guard = NanGuard(offset=resumed.batches_done if resumed else 0)
+    guard = NanGuard(steps_per_epoch, offset=resumed.batches_done if resumed else 0)
     past = [row[monitor] for row in history]
     best = (max if monitor_mode(monitor) == "max" else min)(past) if past else None
     stopping = config.train.early_stopping
