@@ -10,7 +10,7 @@ import yaml
 from conftest import CONFIGS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mnist_mlp.config import (
     Config,
@@ -309,3 +309,33 @@ def test_early_stopping_may_restore_only_what_best_keras_keeps():
     with pytest.raises(ConfigError, match="set both to the same metric") as info:
         load_config(None, ["train.early_stopping.monitor=val_loss"])
     assert str(info.value).startswith("train.early_stopping.monitor=val_loss with")
+
+
+def _keys(model, prefix=""):
+    """Every dotted key a user sets: the values, and the optional sections (null or a mapping)."""
+    import typing
+
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            yield key
+        for kind in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _keys(kind, key + ".")
+
+
+def test_every_config_key_is_documented_in_the_readme_and_each_shipped_config():
+    from mnist_mlp.config import Config
+
+    table = (CONFIGS.parent / "README.md").read_text()
+    keys = list(_keys(Config))
+    assert "train.steps_per_execution" in keys and "train.early_stopping.patience" in keys
+    missing = [key for key in keys if f"| `{key}` |" not in table]
+    assert not missing, f"README's configuration table lacks {missing}"
+    top = [key for key in keys if key.count(".") <= 1]
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        for key in top:
+            section, _, name = key.partition(".")
+            assert (name in data[section]) if name else (section in data), f"{path.name}: {key}"
