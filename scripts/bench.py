@@ -11,7 +11,9 @@ and peak memory must be one run's):
   and `project/<backend>+bf16` the same with train.precision: mixed_bfloat16;
 - `keras/<backend>`: a plain Keras script of the same network, written directly
   against Keras with no project code, `fit` on numpy arrays, batch 128,
-  validating on the test set after each epoch as the tutorial does;
+  validating on the test set after each epoch as the tutorial does; and
+  `keras/<backend>+spe32` the same script compiled with steps_per_execution=32,
+  the project's default, to show what that setting alone gives plain Keras;
 - `torch`: a plain PyTorch loop of the same network, when torch is installed.
 
 Per configuration: min/median/max seconds per epoch over the epochs after the
@@ -63,7 +65,9 @@ def _load_arrays(data: str | None):
     return prepare(dataset.x_train, dataset.y_train), prepare(dataset.x_test, dataset.y_test)
 
 
-def worker_keras(data: str | None, epochs: int, batch_size: int, units: int) -> dict:
+def worker_keras(
+    data: str | None, epochs: int, batch_size: int, units: int, steps_per_execution: int = 1
+) -> dict:
     """The plain Keras reference: no project code past loading the arrays."""
     import keras
 
@@ -79,7 +83,12 @@ def worker_keras(data: str | None, epochs: int, batch_size: int, units: int) -> 
             keras.layers.Activation("softmax"),
         ]
     )
-    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer="adam",
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     times: list[float] = []
 
     class Timer(keras.callbacks.Callback):
@@ -150,12 +159,13 @@ def worker_matmul() -> dict:
 WORKERS = {"keras": worker_keras, "torch": worker_torch, "matmul": worker_matmul}
 
 
-def _run_worker(name: str, backend: str | None, args) -> dict:
+def _run_worker(name: str, backend: str | None, args, steps_per_execution: int = 1) -> dict:
     env = dict(os.environ)
     if backend:
         env["KERAS_BACKEND"] = backend
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     command = [sys.executable, __file__, "--worker", name, "--epochs", str(args.epochs)]
+    command += ["--steps-per-execution", str(steps_per_execution)]
     if args.data:
         command += ["--data", args.data]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -186,8 +196,10 @@ def _run_child(command: list[str]) -> tuple[float, int, subprocess.CompletedProc
     return seconds, usage.ru_maxrss * 1024, subprocess.CompletedProcess(command, code)
 
 
-def project_run(args, backend: str, workdir: Path, precision: str = "float32") -> dict:
-    run_dir = workdir / f"project-{backend}-{precision}"
+def project_run(
+    args, backend: str, workdir: Path, precision: str = "float32", round_: int = 0
+) -> dict:
+    run_dir = workdir / f"project-{backend}-{precision}-{round_}"
     command = [
         str(EXECUTABLE),
         "train",
@@ -256,23 +268,32 @@ def flops_per_epoch(samples: int, units: int) -> float:
     return per_sample * samples
 
 
-def summarise(name: str, result: dict) -> dict:
-    measured = result["seconds"][1:]  # the first epoch is the warm-up
-    return {
+def summarise(name: str, runs: list[dict]) -> dict:
+    """One configuration over its rounds: the epochs after each run's warm-up, pooled."""
+    measured = [seconds for run in runs for seconds in run["seconds"][1:]]
+    last = runs[-1]
+    summary = {
         "name": name,
         "min": min(measured),
         "median": statistics.median(measured),
         "max": max(measured),
         "epochs_measured": len(measured),
-        "samples_per_second": result["samples"] / statistics.median(measured),
-        **{k: v for k, v in result.items() if k != "seconds"},
-        "seconds_per_epoch": result["seconds"],
+        "rounds": len(runs),
+        "samples_per_second": last["samples"] / statistics.median(measured),
+        **{k: v for k, v in last.items() if k not in ("seconds", "peak_rss_bytes")},
+        "seconds_per_epoch": [run["seconds"] for run in runs],
     }
+    if "peak_rss_bytes" in last:
+        summary["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
+    return summary
 
 
 def print_table(report: dict) -> None:
     rows = report["configurations"]
-    references = [r["name"] for r in rows if not r["name"].startswith("project")]
+    # Ratios to the plain scripts as a user writes them (Keras's defaults), and to torch.
+    references = [
+        r["name"] for r in rows if not r["name"].startswith("project") and "+" not in r["name"]
+    ]
     bound = report["lower_bound_seconds"]
     header = f"{'configuration':<26}{'min':>7}{'median':>8}{'max':>7}{'samples/s':>11}"
     header += "".join(f"{'/' + ref:>19}" for ref in references) + f"{'/bound':>8}"
@@ -302,49 +323,77 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="a .npz or IDX folder (default: Fashion-MNIST if installed)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (first: warm-up)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every configuration this many times, interleaved, and pool the epochs "
+        "(on a machine whose speed drifts, each configuration then sees the same drift)",
+    )
     parser.add_argument("--json", dest="json_path", help="also write the report here")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--steps-per-execution", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         import resource
 
         call = WORKERS[args.worker]
-        result = call() if args.worker == "matmul" else call(args.data, args.epochs, 128, 784)
+        if args.worker == "matmul":
+            result = call()
+        elif args.worker == "keras":
+            result = call(args.data, args.epochs, 128, 784, args.steps_per_execution)
+        else:
+            result = call(args.data, args.epochs, 128, 784)
         # ru_maxrss is in KiB on Linux: this process's peak, for comparison with the project's.
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(result))
         return 0
     if args.epochs < 4:
         parser.error("--epochs must be at least 4: one warm-up and three measured")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.data is None and (FASHION / "train-images-idx3-ubyte.gz").is_file():
         args.data = str(FASHION)
     backends = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
-    print(f"data: {args.data or 'MNIST (Keras download)'}; {args.epochs} epochs per run, "
-          f"backends: {', '.join(backends)}", flush=True)
-    results: dict[str, dict] = {}
+    print(
+        f"data: {args.data or 'MNIST (Keras download)'}; {args.epochs} epochs per run, "
+        f"{args.rounds} round(s); backends: {', '.join(backends)}",
+        flush=True,
+    )
+    results: dict[str, list[dict]] = {}
+
+    def measure(round_: int, name: str, run, *run_args) -> None:
+        print(f"round {round_ + 1}/{args.rounds}: running {name} ...", flush=True)
+        results.setdefault(name, []).append(run(*run_args))
+
     with tempfile.TemporaryDirectory() as workdir:
-        for backend in backends:
-            print(f"running project/{backend} ...", flush=True)
-            results[f"project/{backend}"] = project_run(args, backend, Path(workdir))
-            print(f"running keras/{backend} ...", flush=True)
-            results[f"keras/{backend}"] = _run_worker("keras", backend, args)
-        for backend in backends:
-            name = f"project/{backend}+bf16"
-            print(f"running {name} (train.precision: mixed_bfloat16) ...", flush=True)
-            results[name] = project_run(args, backend, Path(workdir), "mixed_bfloat16")
-        if importlib.util.find_spec("torch") is not None:
-            print("running torch ...", flush=True)
-            results["torch"] = _run_worker("torch", None, args)
+        work = Path(workdir)
+        for r in range(args.rounds):
+            for backend in backends:
+                measure(r, f"project/{backend}", project_run, args, backend, work, "float32", r)
+                measure(r, f"keras/{backend}", _run_worker, "keras", backend, args)
+                measure(r, f"keras/{backend}+spe32", _run_worker, "keras", backend, args, 32)
+            for backend in backends:
+                name = f"project/{backend}+bf16"
+                measure(r, name, project_run, args, backend, work, "mixed_bfloat16", r)
+            if importlib.util.find_spec("torch") is not None:
+                measure(r, "torch", _run_worker, "torch", None, args)
         peak = _run_worker("matmul", None, args)
-        project = results.get("project/tensorflow", {})
+        project = results.get("project/tensorflow", [{}])[-1]
         checkpoint = Path(project["run_dir"]) / "model.keras" if "run_dir" in project else None
         commands = command_seconds(args, checkpoint)
-    failed = {name: r["error"] for name, r in results.items() if "error" in r}
-    rows = [summarise(name, r) for name, r in results.items() if "error" not in r]
+    failed = {
+        name: next(r["error"] for r in runs if "error" in r)
+        for name, runs in results.items()
+        if any("error" in r for r in runs)
+    }
+    rows = [summarise(name, runs) for name, runs in results.items() if name not in failed]
     samples = rows[0]["samples"] if rows else 60_000
     flops = flops_per_epoch(samples, 784)
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "epochs_per_run": args.epochs,
+        "rounds": args.rounds,
         "data": args.data or "mnist",
         "configurations": rows,
         "failed": failed,
