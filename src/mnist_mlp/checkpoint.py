@@ -11,6 +11,7 @@ so a crash or a full disk leaves the previous state in place.
 
 from __future__ import annotations
 
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,21 @@ def save_state(model, path: Path, progress: Progress) -> None:
 
 def metric_totals(model) -> dict[str, np.ndarray]:
     """The current values of the model's metric variables (loss and accuracy totals)."""
-    return {v.path: np.asarray(v.numpy()) for v in model.metrics_variables}
+    return {variable_key(v): np.asarray(v.numpy()) for v in model.metrics_variables}
+
+
+def variable_key(variable) -> str:
+    """A variable's path without the counters Keras adds to names per process.
+
+    Keras numbers unnamed objects in creation order (`seed_generator_3`,
+    `adam_1`), so the same model built a second time in one process gets other
+    paths; the saved state must still fit it.
+    """
+    return _without_counters(variable.path)
+
+
+def _without_counters(path: str) -> str:
+    return re.sub(r"_\d+(?=/|$)", "", path)
 
 
 def load_state(model, path: Path) -> Progress:
@@ -78,8 +93,8 @@ def load_state(model, path: Path) -> Progress:
             if int(state["format_version"]) != FORMAT_VERSION:
                 raise CheckpointError(f"{path}: training state of an unknown format")
             for prefix, variables in _groups(model).items():
-                saved = [str(p) for p in state[f"{prefix}/paths"]]
-                if saved != [v.path for v in variables]:
+                saved = [_without_counters(str(p)) for p in state[f"{prefix}/paths"]]
+                if saved != [variable_key(v) for v in variables]:
                     raise CheckpointError(
                         f"{path}: the saved {prefix} variables do not match this model; "
                         "was the config changed after the run started?"
@@ -96,7 +111,9 @@ def load_state(model, path: Path) -> Progress:
             return Progress(
                 epochs_done=int(state["epochs_done"]),
                 batches_done=int(state["batches_done"]),
-                metric_totals={n: state[f"metrics/{i:04d}"] for i, n in enumerate(names)},
+                metric_totals={
+                    _without_counters(n): state[f"metrics/{i:04d}"] for i, n in enumerate(names)
+                },
             )
     except CheckpointError:
         raise

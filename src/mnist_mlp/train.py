@@ -141,121 +141,128 @@ def train(
     else:
         runs.claim_run_dir(run_dir)
     lock = runs.lock_run_dir(run_dir)
-    files.write_text(run_dir / "config.yaml", to_yaml(config))
-    report(f"run directory: {run_dir}")
-
-    steps = math.ceil(fitted / config.train.batch_size)
-    callbacks = _callbacks(config, run_dir, history, resumed, steps, report, progress_bar)
-    guard, epoch_log, state = callbacks["guard"], callbacks["log"], callbacks["state"]
-    stopper = callbacks.get("stopper")
-    skip = resumed.batches_done if resumed else 0
-    # A mid-epoch resume fits the rest of that epoch first, as its own fit call
-    # with its own shorter pass over the data, then the remaining epochs.
-    phases = [(epochs_done, epochs_done + 1, skip), (epochs_done + 1, config.train.epochs, 0)]
-    if not skip:
-        phases = [(epochs_done, config.train.epochs, 0)]
-    if stopper is not None and history:
-        # Replay the finished epochs now: if early stopping had already fired
-        # (killed just after that epoch's save), the run is finished, not resumed.
-        stopper.set_model(model)
-        stopper.on_train_begin()
-        if model.stop_training:
-            phases = []
-    started_at = dt.datetime.now(dt.timezone.utc)
     try:
-        with runtime.quiet_tensorflow(), signals.handled():
-            for first, last, skipped in phases:
-                if first >= last or model.stop_training:
-                    continue
-                batches = TrainingBatches(
-                    images[:fitted],
-                    labels[:fitted],
-                    config.train.batch_size,
-                    config.seed,
-                    epoch=first,
-                    skip=skipped,
-                )
-                model.fit(
-                    batches.for_fit(keras.backend.backend()),
-                    epochs=last,
-                    initial_epoch=first,
-                    validation_data=validation,
-                    # The order comes from TrainingBatches (data.epoch_order), not fit.
-                    shuffle=False,
-                    callbacks=[EpochFeed(batches), *callbacks.values()],
-                    verbose=1 if progress_bar else 0,
-                )
-        if guard.tripped:
-            kept = state.saved
-            saved = (
-                f"the state after epoch {kept.epochs_done}"
-                + (f", batch {kept.batches_done}" if kept.batches_done else "")
-                + " is kept"
-                if kept.epochs_done or kept.batches_done
-                else "nothing was saved"
-            )
-            raise TrainingError(
-                f"the loss became NaN or infinite in {guard.describe()}; training "
-                f"stopped and {saved} in {run_dir}; lower train.learning_rate and start a new run"
-            )
-        stopped = stopper is not None and stopper.stopped_epoch > 0
-        best_file = run_dir / "best.keras"
-        if stopped and config.train.early_stopping.restore_best_weights and best_file.is_file():
-            best = keras.saving.load_model(best_file, compile=False)
-            model.set_weights(best.get_weights())
-        files.save_model(model, run_dir / "model.keras")
-        plots.save_curves(
-            epoch_log.rows,
-            run_dir / "curves.png",
-            validation=f"last {split:.0%} of training set" if split else "test set",
-        )
-        with runtime.quiet_tensorflow():
-            train_score = score(model, images[:fitted], labels[:fitted])
-            test_score = score(model, dataset.x_test, dataset.y_test)
-    except OSError as err:  # history.csv could not be appended (disk full, removed)
-        raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
-    except tf.errors.OpError as err:
-        raise TrainingError.from_op_error(
-            err, "if it ran out of memory, lower train.batch_size or model.units"
-        ) from None
+        files.write_text(run_dir / "config.yaml", to_yaml(config))
+        report(f"run directory: {run_dir}")
 
-    rows = epoch_log.rows
-    per_epoch = [row["seconds"] for row in rows]
-    metrics = {
-        "run_dir": str(run_dir),
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "resumed_after_epoch": epochs_done if resume else None,
-        "device": device.as_dict(),
-        "backend": runtime.backend(),
-        "deterministic": deterministic,
-        "precision": policy,
-        "versions": runtime.versions(),
-        "data": {
-            "source": dataset.source,
-            "train_samples": fitted,
-            "validation": f"last {split:.0%} of the training set" if split else "test set",
-            "test_samples": len(dataset.x_test),
-        },
-        "model": {"parameters": int(model.count_params())},
-        "epochs": len(rows),
-        "early_stopping": {"stopped_after_epoch": stopper.stopped_epoch + 1} if stopped else None,
-        "final": {
-            "train": {"loss": train_score.loss, "accuracy": train_score.accuracy},
-            "test": test_score.as_dict(),
-        },
-        "last_epoch": rows[-1],
-        "seconds": {
-            # Summed over epochs, so a resumed run counts each epoch once.
-            "total": sum(per_epoch),
-            "per_epoch": per_epoch,
-            "mean_per_epoch": sum(per_epoch) / len(per_epoch),
-            "mean_state_save": sum(state.seconds) / len(state.seconds) if state.seconds else None,
-        },
-    }
-    files.write_json(run_dir / "metrics.json", metrics)
-    os.close(lock)
-    return TrainResult(run_dir=run_dir, device=device, history=rows, metrics=metrics)
+        steps = math.ceil(fitted / config.train.batch_size)
+        callbacks = _callbacks(config, run_dir, history, resumed, steps, report, progress_bar)
+        guard, epoch_log, state = callbacks["guard"], callbacks["log"], callbacks["state"]
+        stopper = callbacks.get("stopper")
+        skip = resumed.batches_done if resumed else 0
+        # A mid-epoch resume fits the rest of that epoch first, as its own fit call
+        # with its own shorter pass over the data, then the remaining epochs.
+        phases = [(epochs_done, epochs_done + 1, skip), (epochs_done + 1, config.train.epochs, 0)]
+        if not skip:
+            phases = [(epochs_done, config.train.epochs, 0)]
+        if stopper is not None and history:
+            # Replay the finished epochs now: if early stopping had already fired
+            # (killed just after that epoch's save), the run is finished, not resumed.
+            stopper.set_model(model)
+            stopper.on_train_begin()
+            if model.stop_training:
+                phases = []
+        started_at = dt.datetime.now(dt.timezone.utc)
+        try:
+            with runtime.quiet_tensorflow(), signals.handled():
+                for first, last, skipped in phases:
+                    if first >= last or model.stop_training:
+                        continue
+                    batches = TrainingBatches(
+                        images[:fitted],
+                        labels[:fitted],
+                        config.train.batch_size,
+                        config.seed,
+                        epoch=first,
+                        skip=skipped,
+                    )
+                    model.fit(
+                        batches.for_fit(keras.backend.backend()),
+                        epochs=last,
+                        initial_epoch=first,
+                        validation_data=validation,
+                        # The order comes from TrainingBatches (data.epoch_order), not fit.
+                        shuffle=False,
+                        callbacks=[EpochFeed(batches), *callbacks.values()],
+                        verbose=1 if progress_bar else 0,
+                    )
+            if guard.tripped:
+                kept = state.saved
+                saved = (
+                    f"the state after epoch {kept.epochs_done}"
+                    + (f", batch {kept.batches_done}" if kept.batches_done else "")
+                    + " is kept"
+                    if kept.epochs_done or kept.batches_done
+                    else "nothing was saved"
+                )
+                raise TrainingError(
+                    f"the loss became NaN or infinite in {guard.describe()}; training "
+                    f"stopped and {saved} in {run_dir}; "
+                    "lower train.learning_rate and start a new run"
+                )
+            stopped = stopper is not None and stopper.stopped_epoch > 0
+            best_file = run_dir / "best.keras"
+            if stopped and config.train.early_stopping.restore_best_weights and best_file.is_file():
+                best = keras.saving.load_model(best_file, compile=False)
+                model.set_weights(best.get_weights())
+            files.save_model(model, run_dir / "model.keras")
+            plots.save_curves(
+                epoch_log.rows,
+                run_dir / "curves.png",
+                validation=f"last {split:.0%} of training set" if split else "test set",
+            )
+            with runtime.quiet_tensorflow():
+                train_score = score(model, images[:fitted], labels[:fitted])
+                test_score = score(model, dataset.x_test, dataset.y_test)
+        except OSError as err:  # history.csv could not be appended (disk full, removed)
+            raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
+        except tf.errors.OpError as err:
+            raise TrainingError.from_op_error(
+                err, "if it ran out of memory, lower train.batch_size or model.units"
+            ) from None
+
+        rows = epoch_log.rows
+        per_epoch = [row["seconds"] for row in rows]
+        metrics = {
+            "run_dir": str(run_dir),
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "resumed_after_epoch": epochs_done if resume else None,
+            "device": device.as_dict(),
+            "backend": runtime.backend(),
+            "deterministic": deterministic,
+            "precision": policy,
+            "versions": runtime.versions(),
+            "data": {
+                "source": dataset.source,
+                "train_samples": fitted,
+                "validation": f"last {split:.0%} of the training set" if split else "test set",
+                "test_samples": len(dataset.x_test),
+            },
+            "model": {"parameters": int(model.count_params())},
+            "epochs": len(rows),
+            "early_stopping": (
+                {"stopped_after_epoch": stopper.stopped_epoch + 1} if stopped else None
+            ),
+            "final": {
+                "train": {"loss": train_score.loss, "accuracy": train_score.accuracy},
+                "test": test_score.as_dict(),
+            },
+            "last_epoch": rows[-1],
+            "seconds": {
+                # Summed over epochs, so a resumed run counts each epoch once.
+                "total": sum(per_epoch),
+                "per_epoch": per_epoch,
+                "mean_per_epoch": sum(per_epoch) / len(per_epoch),
+                "mean_state_save": (
+                    sum(state.seconds) / len(state.seconds) if state.seconds else None
+                ),
+            },
+        }
+        files.write_json(run_dir / "metrics.json", metrics)
+        return TrainResult(run_dir=run_dir, device=device, history=rows, metrics=metrics)
+    finally:
+        os.close(lock)
 
 
 def _callbacks(
