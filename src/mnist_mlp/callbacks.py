@@ -235,7 +235,8 @@ class TrainingState(keras.callbacks.Callback):
 
     When resuming mid-epoch, `resumed` is the saved progress: the first epoch's
     batches are numbered from its `batches_done`, and its metric totals are
-    added back after the first batch (Keras builds the metric variables then).
+    added back before the first step, or after it for the metric variables
+    Keras builds only then.
     """
 
     def __init__(
@@ -260,12 +261,16 @@ class TrainingState(keras.callbacks.Callback):
         self._epoch = epoch
         self._done = self.offset
 
+    def on_train_batch_begin(self, batch, logs=None):
+        # Before the first step, so the loss total continues from the saved sum
+        # in the uninterrupted run's order: float additions do not commute
+        # bit for bit, and a group of steps would otherwise come first.
+        self._add_pending_totals()
+
     def on_train_batch_end(self, batch, logs=None):
-        if self._pending_totals:
-            for variable in self.model.metrics_variables:
-                if variable.path in self._pending_totals:
-                    variable.assign_add(self._pending_totals[variable.path])
-            self._pending_totals = {}
+        # The ones Keras builds during the first step (under TensorFlow, the
+        # accuracy's): sums of whole numbers, exact in any order.
+        self._add_pending_totals()
         # `batch` is the last step Keras ran (see NanGuard.on_train_batch_end).
         done, before = self.offset + batch + 1, self._done
         self._done = done
@@ -290,6 +295,14 @@ class TrainingState(keras.callbacks.Callback):
             self._save(checkpoint.Progress(epoch + 1))
             self.seconds.append(time.perf_counter() - started)
         signals.check()
+
+    def _add_pending_totals(self) -> None:
+        if not self._pending_totals:
+            return
+        for variable in self.model.metrics_variables:
+            key = checkpoint.variable_key(variable)
+            if key in self._pending_totals:
+                variable.assign_add(self._pending_totals.pop(key))
 
     def _save(self, progress: checkpoint.Progress) -> None:
         if not all(np.isfinite(v.numpy()).all() for v in self.model.trainable_variables):
