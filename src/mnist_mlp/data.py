@@ -289,9 +289,7 @@ class TrainingBatches:
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch `index` of this pass, as numpy arrays."""
         idx = self.order()[index * self.batch_size : (index + 1) * self.batch_size]
-        x = self.images[idx].astype(np.float32) / np.float32(255.0)
-        y = np.eye(NUM_CLASSES, dtype=np.float32)[self.labels[idx]]
-        return x, y
+        return preprocess(self.images[idx], self.labels[idx])
 
     def for_fit(self, backend: str):
         """What `fit` is given: a tf.data pipeline under TensorFlow, else a keras PyDataset.
