@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from mnist_mlp.config import (
+    MODEL_TYPES,
     Config,
+    FineTuneConfig,
+    PretrainedConfig,
     apply_overrides,
     config_name,
     load_config,
@@ -27,8 +30,12 @@ from mnist_mlp.runs import default_run_dir
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
 
-def test_configs_folder_ships_the_three_documented_files():
-    assert {p.name for p in SHIPPED} >= {"cpu.yaml", "gpu.yaml", "quick.yaml"}
+def test_configs_folder_ships_the_documented_files():
+    kinds = {"cnn.yaml", "rnn.yaml", "pretrained.yaml"}
+    assert {p.name for p in SHIPPED} >= {"cpu.yaml", "gpu.yaml", "quick.yaml"} | kinds
+    for name in kinds:  # each model kind's config is that kind, with its defaults
+        config = load_config(CONFIGS / name)
+        assert config.model == type(config.model)(), name
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -228,7 +235,7 @@ def test_config_name_and_default_run_dir(tmp_path):
 
 _SECTION_KEYS = {
     "data": ["name", "path", "nmae"],
-    "model": ["units", "dropout_rate", "unit"],
+    "model": ["type", "units", "dropout_rate", "unit", "filters", "kernel_size", "cell"],
     "train": [
         "epochs",
         "batch_size",
@@ -248,6 +255,7 @@ _values = st.one_of(
     st.text(max_size=6),
     st.lists(st.integers(), max_size=2),
     st.sampled_from(["mnist", "fashion_mnist", "cpu", "gpu", "auto", "/tmp/x.npz"]),
+    st.sampled_from(["mlp", "cnn", "rnn", "pretrained", "lstm", "gru"]),
 )
 _configs = st.fixed_dictionaries(
     {},
@@ -287,7 +295,7 @@ def test_any_config_validates_or_is_rejected_naming_a_key(data):
     else:
         # Whatever validated is a complete, in-range config that round-trips.
         assert config.train.epochs >= 1 and config.train.batch_size >= 1
-        assert 0.0 <= config.model.dropout_rate < 1.0
+        assert 0.0 <= getattr(config.model, "dropout_rate", 0.0) < 1.0
         assert validate(yaml.safe_load(to_yaml(config))) == config
 
 
@@ -311,31 +319,48 @@ def test_early_stopping_may_restore_only_what_best_keras_keeps():
     assert str(info.value).startswith("train.early_stopping.monitor=val_loss with")
 
 
+def _sections(annotation):
+    """The BaseModel classes an annotation can hold (through unions and Annotated)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [cls for arg in typing.get_args(annotation) for cls in _sections(arg)]
+
+
 def _keys(model, prefix=""):
-    """Every dotted key a user sets: the values, and the optional sections (null or a mapping)."""
+    """Every dotted key a user sets: the values, and the optional sections (null or a mapping).
+
+    The `model` section's keys are those of all its kinds (repeats included).
+    """
     import typing
 
     for name, field in model.model_fields.items():
         key = prefix + name
-        annotation = field.annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        kinds = _sections(field.annotation)
+        if not kinds or type(None) in typing.get_args(field.annotation):
             yield key
-        for kind in (field.annotation, *typing.get_args(field.annotation)):
-            if isinstance(kind, type) and issubclass(kind, BaseModel):
-                yield from _keys(kind, key + ".")
+        for kind in kinds:
+            yield from _keys(kind, key + ".")
 
 
 def test_every_config_key_is_documented_in_the_readme_and_each_shipped_config():
     from mnist_mlp.config import Config
 
     table = (CONFIGS.parent / "README.md").read_text()
-    keys = list(_keys(Config))
+    keys = list(dict.fromkeys(_keys(Config)))
     assert "train.steps_per_execution" in keys and "train.early_stopping.patience" in keys
     missing = [key for key in keys if f"| `{key}` |" not in table]
     assert not missing, f"README's configuration table lacks {missing}"
+    assert {"model.type", "model.filters", "model.cell", "model.fine_tune.epochs"} <= set(keys)
     top = [key for key in keys if key.count(".") <= 1]
     for path in sorted(CONFIGS.glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
+        kind = MODEL_TYPES[data["model"]["type"]]
         for key in top:
             section, _, name = key.partition(".")
+            if section == "model" and name not in kind.model_fields:
+                continue  # another kind's key
             assert (name in data[section]) if name else (section in data), f"{path.name}: {key}"
+        if kind is PretrainedConfig:
+            assert set(data["model"]["fine_tune"]) == set(FineTuneConfig.model_fields)

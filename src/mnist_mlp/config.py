@@ -15,19 +15,24 @@ import re
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from mnist_mlp.errors import ConfigError
+
+# The digits' side in pixels (data.IMAGE_SHAPE, without importing numpy here).
+IMAGE_SIDE = 28
 
 
 class _Section(BaseModel):
@@ -57,11 +62,125 @@ class DataConfig(_Section):
         return os.path.abspath(os.path.expanduser(value))
 
 
-class ModelConfig(_Section):
+class MlpConfig(_Section):
     """The tutorial's network: Dense(units) -> Dropout -> ReLU -> Dense(10) -> softmax."""
 
+    type: Literal["mlp"] = "mlp"
     units: int = Field(784, ge=1, le=65536)
     dropout_rate: float = Field(0.4, ge=0.0, lt=1.0)
+
+
+class CnnConfig(_Section):
+    """The classic Keras MNIST convnet, on the digits as 28x28x1 images."""
+
+    type: Literal["cnn"] = "cnn"
+    # One Conv2D(n, kernel_size, relu) + MaxPooling2D(2) block per entry.
+    filters: tuple[int, ...] = Field((32, 64), min_length=1, max_length=4)
+    kernel_size: int = Field(3, ge=1, le=28)
+    # Dropout between Flatten and the softmax layer.
+    dropout_rate: float = Field(0.5, ge=0.0, lt=1.0)
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        # YAML gives a list; the frozen config holds a tuple.
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("filters")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n < 1 or n > 4096 for n in value):
+            raise ValueError("should be a list of integers 1 .. 4096, e.g. [32, 64]")
+        return value
+
+    @model_validator(mode="after")
+    def _image_not_used_up(self) -> CnnConfig:
+        # Each block's convolution ("valid") shrinks the side by kernel_size - 1, its
+        # pooling halves it; with too many blocks nothing is left to classify.
+        side = IMAGE_SIDE
+        for block in range(len(self.filters)):
+            side = (side - self.kernel_size + 1) // 2
+            if side < 1:
+                raise ValueError(
+                    f"model.filters has {len(self.filters)} blocks and model.kernel_size is "
+                    f"{self.kernel_size}: block {block + 1} gets a 28x28 digit down to nothing; "
+                    "use fewer blocks or a smaller kernel_size"
+                )
+        return self
+
+
+class RnnConfig(_Section):
+    """Each digit read as a sequence of 28 rows of 28 pixels by one recurrent layer."""
+
+    type: Literal["rnn"] = "rnn"
+    cell: Literal["lstm", "gru"] = "lstm"
+    units: int = Field(128, ge=1, le=65536)
+
+
+class FineTuneConfig(_Section):
+    """The second phase of a pretrained run: part of the backbone trains too."""
+
+    # Layers at the top of the backbone to unfreeze; null: the whole backbone.
+    layers: int | None = Field(None, ge=1)
+    # Epochs of this phase, after the train.epochs of the head alone; 0: none.
+    epochs: int = Field(5, ge=0, le=100_000)
+    # Small, so the pretrained features are adjusted rather than overwritten.
+    learning_rate: float = Field(1e-5, gt=0.0, le=10.0)
+    # Train the BatchNormalization layers among the unfrozen ones too, their
+    # statistics included. false: they stay frozen, in inference mode, as Keras
+    # advises for pretrained weights. null: true for weights: none only.
+    train_batch_norm: bool | None = None
+
+
+class PretrainedConfig(_Section):
+    """A keras.applications backbone with a new 10-way head, fine-tuned in two phases."""
+
+    type: Literal["pretrained"] = "pretrained"
+    backbone: Literal["mobilenet_v2", "resnet50", "vgg16"] = "mobilenet_v2"
+    # imagenet (downloaded once into ~/.keras/models), none (random), or the
+    # path of a weights file for the backbone without its top (.h5, .weights.h5).
+    weights: str = "imagenet"
+    # Side the digits are resized to; null: the backbone's minimum, 32.
+    image_size: int | None = Field(None, ge=32, le=1024)
+    # Dropout before the new Dense(10) head.
+    dropout_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    fine_tune: FineTuneConfig = FineTuneConfig()
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, value: Any) -> Any:
+        if value is None:  # `weights: null` means the same as none
+            return "none"
+        if not isinstance(value, str):
+            return value
+        if value in ("imagenet", "none"):
+            return value
+        if not value.endswith((".h5", ".keras")):
+            raise ValueError(
+                "should be imagenet, none, or the path of a weights file "
+                "(.weights.h5, .h5 or .keras) for the backbone without its top"
+            )
+        # Stored absolute so the run's config.yaml means the same from any folder.
+        return os.path.abspath(os.path.expanduser(value))
+
+
+def _model_type(value: Any) -> str:
+    # `type` may be left out: the tutorial's MLP.
+    kind = value.get("type", "mlp") if isinstance(value, Mapping) else getattr(value, "type", "mlp")
+    return kind if isinstance(kind, str) else repr(kind)
+
+
+MODEL_TYPES: dict[str, type[_Section]] = {
+    "mlp": MlpConfig,
+    "cnn": CnnConfig,
+    "rnn": RnnConfig,
+    "pretrained": PretrainedConfig,
+}
+# The `model` section: one of the kinds above, chosen by its `type` key.
+ModelConfig = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in MODEL_TYPES.items())],  # noqa: UP007
+    Discriminator(_model_type),
+]
 
 
 Monitor = Literal["val_accuracy", "val_loss", "accuracy", "loss"]
@@ -136,7 +255,7 @@ class Config(_Section):
     # about twice as fast on CPUs here). Checkpoints load under either.
     backend: Literal["tensorflow", "jax"] = "tensorflow"
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = MlpConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -303,8 +422,10 @@ def validate(
         errors = err.errors()
         first = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        loc = tuple(str(p) for p in first["loc"])
-        origin = "--set" if loc in set(overridden) else source
+        keys = _resolve(tuple(str(p) for p in first["loc"]))[0]
+        if first["type"] == "union_tag_invalid":
+            keys += ("type",)
+        origin = "--set" if keys in set(overridden) else source
         prefix = f"{origin}: " if origin else ""
         raise ConfigError(f"{prefix}{_describe(first)}{more}") from None
 
@@ -325,6 +446,12 @@ def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+def total_epochs(config: Config) -> int:
+    """Epochs of the whole run: train.epochs, then a pretrained model's fine-tuning phase."""
+    model = config.model
+    return config.train.epochs + (model.fine_tune.epochs if model.type == "pretrained" else 0)
+
+
 def config_name(path: str | os.PathLike | None) -> str:
     """The name a run is filed under: the config file's stem, or `default`."""
     return Path(path).stem if path is not None else "default"
@@ -333,39 +460,87 @@ def config_name(path: str | os.PathLike | None) -> str:
 # ------------------------------------------------------------------------ helpers
 
 
-def _section_at(parts: tuple[str, ...]) -> type[BaseModel] | None:
-    """The schema class owning the key at `parts[-1]`, or None if the parent is not a section."""
-    section: type[BaseModel] = Config
-    for part in parts[:-1]:
-        field = section.model_fields.get(part)
-        candidates = typing.get_args(field.annotation) or (field.annotation,) if field else ()
-        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not models:
-            return None
-        section = models[0]
-    return section
+def _members(annotation: Any) -> dict[str | None, type[BaseModel]]:
+    """The sections an annotation can hold, by union tag (None: untagged)."""
+    found: dict[str | None, type[BaseModel]] = {}
+    stack = [(annotation, None)]
+    while stack:
+        kind, tag = stack.pop(0)
+        if typing.get_origin(kind) is Annotated:
+            base, *meta = typing.get_args(kind)
+            tags = [m.tag for m in meta if isinstance(m, Tag)]
+            stack.append((base, tags[0] if tags else tag))
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            found[tag] = kind
+        else:
+            stack += [(arg, tag) for arg in typing.get_args(kind)]
+    return found
+
+
+def _resolve(loc: tuple[str, ...]) -> tuple[tuple[str, ...], list[type[BaseModel]], str | None]:
+    """Walk an error location or key path through the schema.
+
+    Returns:
+        The key path without union tags (pydantic puts `cnn` in
+        `model.cnn.filters`), the sections that may own its last key (every
+        kind of a union unless the location names one), and the tagged kind
+        chosen on the way (e.g. "cnn"), if any.
+    """
+    sections: list[type[BaseModel]] = [Config]
+    keys: list[str] = []
+    kind = None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        keys.append(part)
+        if not parts:
+            break
+        fields = [s.model_fields[part] for s in sections if part in s.model_fields]
+        members: dict[str | None, type[BaseModel]] = {}
+        for field in fields:
+            members |= _members(field.annotation)
+        if parts[0] in members and parts[0] is not None and None not in members:
+            kind = parts.pop(0)
+            sections = [members[kind]]
+            if not parts:  # the location is the section itself
+                break
+        else:
+            sections = list(dict.fromkeys(members.values()))
+        if not sections:
+            keys += parts
+            break
+    return tuple(keys), sections, kind
 
 
 def _unknown_key_message(parts: tuple[str, ...]) -> str:
-    section = _section_at(parts)
-    name = ".".join(parts)
-    if section is None:
-        parent = ".".join(parts[:-1])
+    keys, sections, kind = _resolve(parts)
+    name = ".".join(keys)
+    if not sections or len(keys) != len(parts) - (1 if kind else 0):
+        parent = ".".join(keys[:-1])
         return f"unknown key {name!r}: {parent!r} is a value, not a section"
-    valid = list(section.model_fields)
-    close = difflib.get_close_matches(parts[-1], valid, n=1, cutoff=0.6)
-    prefix = ".".join(parts[:-1] + ("",))
+    valid = list(dict.fromkeys(k for s in sections for k in s.model_fields))
+    close = difflib.get_close_matches(keys[-1], valid, n=1, cutoff=0.6)
+    prefix = ".".join(keys[:-1] + ("",))
+    where = f" for {prefix}type {kind}" if kind else ""
     hint = (
         f"did you mean {prefix + close[0]!r}?"
         if close
-        else "valid keys here: " + ", ".join(prefix + k for k in valid)
+        else f"valid keys{where or ' here'}: " + ", ".join(prefix + k for k in valid)
     )
-    return f"unknown key {name!r}; {hint}"
+    elsewhere = [
+        tag
+        for tag, cls in MODEL_TYPES.items()
+        if kind and tag != kind and keys[-1] in cls.model_fields
+    ]
+    if elsewhere:  # e.g. model.units left in a file when --set model.type=cnn
+        hint += f" ({name} belongs to model.type {' and '.join(elsewhere)})"
+    return f"unknown key {name!r}{where}; {hint}"
 
 
 def _check_key_path(parts: tuple[str, ...], origin: str) -> None:
-    section = _section_at(parts)
-    if section is None or parts[-1] not in section.model_fields:
+    # Checked against every model kind: the kind itself is known only after merging.
+    keys, sections, _ = _resolve(parts)
+    if len(keys) != len(parts) or not any(parts[-1] in s.model_fields for s in sections):
         raise ConfigError(f"{origin}: {_unknown_key_message(parts)}")
 
 
@@ -373,14 +548,21 @@ def _describe(error: Mapping[str, Any]) -> str:
     parts = tuple(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return _unknown_key_message(parts)
-    name = ".".join(parts)
+    keys, _, _ = _resolve(parts)
+    if error["type"] == "union_tag_invalid":  # model.type names no kind
+        kinds = ", ".join(MODEL_TYPES)
+        value = error["input"].get("type")
+        return f"{'.'.join(keys)}.type: got {_short(value)}; should be one of {kinds}"
+    name = ".".join(keys)
     message = error["msg"]
     # pydantic says "Input should be ..."/"Value error, ..."; reword to name the key.
     message = re.sub(r"^(Value error, |Input )", "", message)
     if error["type"] == "model_type" or error["type"] == "dict_type":
         message = "should be a section (a mapping of keys)"
-    if not parts:  # a rule across keys (a model validator): its message names them
+    if not keys:  # a rule across keys (a model validator): its message names them
         return message
+    if error["type"] == "value_error" and message.startswith(name + "."):
+        return message  # a rule across the keys of one section names them itself
     return f"{name}: got {_short(error.get('input'))}; {message}"
 
 
