@@ -11,6 +11,7 @@ so a crash or a full disk leaves the previous state in place.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -78,6 +79,16 @@ def _without_counters(path: str) -> str:
     return re.sub(r"_\d+(?=/|$)", "", path)
 
 
+def read_progress(path: Path) -> Progress:
+    """How far the saved run got (without its totals), before a model is built for it.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+    """
+    with _reading(path), np.load(path, allow_pickle=False) as state:
+        return Progress(int(state["epochs_done"]), int(state["batches_done"]))
+
+
 def load_state(model, path: Path) -> Progress:
     """Restore variables saved by save_state into `model`; return the saved progress.
 
@@ -88,33 +99,39 @@ def load_state(model, path: Path) -> Progress:
         CheckpointError: the file is missing, unreadable, or from another model.
     """
     model.optimizer.build(model.trainable_variables)
-    try:
-        with np.load(path, allow_pickle=False) as state:
-            if int(state["format_version"]) != FORMAT_VERSION:
-                raise CheckpointError(f"{path}: training state of an unknown format")
-            for prefix, variables in _groups(model).items():
-                saved = [_without_counters(str(p)) for p in state[f"{prefix}/paths"]]
-                if saved != [variable_key(v) for v in variables]:
+    with _reading(path), np.load(path, allow_pickle=False) as state:
+        if int(state["format_version"]) != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: training state of an unknown format")
+        for prefix, variables in _groups(model).items():
+            saved = [_without_counters(str(p)) for p in state[f"{prefix}/paths"]]
+            if saved != [variable_key(v) for v in variables]:
+                raise CheckpointError(
+                    f"{path}: the saved {prefix} variables do not match this model; "
+                    "was the config changed after the run started?"
+                )
+            for i, variable in enumerate(variables):
+                value = state[f"{prefix}/{i:04d}"]
+                if value.shape != tuple(variable.shape):
                     raise CheckpointError(
-                        f"{path}: the saved {prefix} variables do not match this model; "
-                        "was the config changed after the run started?"
+                        f"{path}: {variable.path} has shape {value.shape}, "
+                        f"the model expects {tuple(variable.shape)}"
                     )
-                for i, variable in enumerate(variables):
-                    value = state[f"{prefix}/{i:04d}"]
-                    if value.shape != tuple(variable.shape):
-                        raise CheckpointError(
-                            f"{path}: {variable.path} has shape {value.shape}, "
-                            f"the model expects {tuple(variable.shape)}"
-                        )
-                    variable.assign(value)
-            names = [str(p) for p in state["metrics/paths"]]
-            return Progress(
-                epochs_done=int(state["epochs_done"]),
-                batches_done=int(state["batches_done"]),
-                metric_totals={
-                    _without_counters(n): state[f"metrics/{i:04d}"] for i, n in enumerate(names)
-                },
-            )
+                variable.assign(value)
+        names = [str(p) for p in state["metrics/paths"]]
+        return Progress(
+            epochs_done=int(state["epochs_done"]),
+            batches_done=int(state["batches_done"]),
+            metric_totals={
+                _without_counters(n): state[f"metrics/{i:04d}"] for i, n in enumerate(names)
+            },
+        )
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turn every way reading a state file can fail into one CheckpointError."""
+    try:
+        yield
     except CheckpointError:
         raise
     except FileNotFoundError:

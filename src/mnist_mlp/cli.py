@@ -84,7 +84,8 @@ def cli() -> None:
     "resume_dir",
     metavar="RUN_DIR",
     help="Continue an interrupted run from its last saved epoch, with its own config "
-    "(only --set train.epochs=N may change, to extend it).",
+    "(only --set train.epochs=N may change, to extend it; model.fine_tune.epochs=N for a "
+    "pretrained model).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
 @click.option("--verbose", "-v", is_flag=True, help="Also show TensorFlow's own log lines.")

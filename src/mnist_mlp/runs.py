@@ -12,9 +12,18 @@ from mnist_mlp.errors import ConfigError, RunDirError
 RUNS_ROOT = Path("runs")
 # The training state saved after every epoch (see checkpoint.py).
 STATE_FILE = "state.npz"
-# What --set may change when resuming: anything else would make the resumed
-# run a different experiment from the one its first epochs belong to.
-RESUMABLE_KEYS = {("train", "epochs")}
+
+
+def extendable_key(config: Config) -> tuple[str, ...]:
+    """The one key --resume may change: the epochs of the run's last phase.
+
+    Anything else would make the resumed run a different experiment from the
+    one its first epochs belong to. A pretrained model's train.epochs is where
+    its fine-tuning starts, so only model.fine_tune.epochs may grow there.
+    """
+    if config.model.type == "pretrained":
+        return ("model", "fine_tune", "epochs")
+    return ("train", "epochs")
 
 
 def default_run_dir(name: str, root: Path = RUNS_ROOT, now: dt.datetime | None = None) -> Path:
@@ -126,12 +135,13 @@ def resume_config(run_dir: Path, config_path: str | None, overrides: tuple[str, 
     original = load_config(saved)
     candidate = load_config(config_path if config_path is not None else saved, overrides)
     changed = _changed_keys(original.model_dump(), candidate.model_dump())
-    unsafe = [".".join(k) for k in changed if k not in RESUMABLE_KEYS]
+    key = extendable_key(original)
+    unsafe = [".".join(k) for k in changed if k != key]
     if unsafe:
         given = f"--config {config_path}" if config_path is not None else "--set"
         raise ConfigError(
             f"--resume {run_dir}: {given} would change {', '.join(unsafe)} of the run; only "
-            "train.epochs may change when resuming (to extend the run)"
+            f"{'.'.join(key)} may change when resuming (to extend the run)"
         )
     return candidate
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_mlp import checkpoint, files, plots, runs, runtime, signals
-from mnist_mlp.config import Config, to_yaml
+from mnist_mlp.config import Config, to_yaml, total_epochs
 from mnist_mlp.errors import (
     CheckpointError,
     ConfigError,
@@ -83,7 +83,7 @@ def train(
     from mnist_mlp.callbacks import EpochFeed, read_history
     from mnist_mlp.data import INPUT_DIM, TrainingBatches, load_dataset, preprocess
     from mnist_mlp.evaluate import score
-    from mnist_mlp.model import build_model, compile_model
+    from mnist_mlp.model import build_model, compile_for_phase, phase_of
 
     dataset = load_dataset(config.data)
     report(f"data: {dataset.describe()}")
@@ -113,13 +113,19 @@ def train(
         model = build_model(config.model)
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
-    compile_model(model, config.train)
-    report(f"model: {model.count_params():,} parameters ({policy})")
+    report(f"model: {config.model.type}, {model.count_params():,} parameters ({policy})")
+    epochs = total_epochs(config)
 
     history: list[dict] = []
     resumed = None
     epochs_done = 0
+    # The phase the saved state was in: a pretrained model's optimizer variables
+    # (and so the state) depend on which layers were trainable.
+    phase = "head"
     if resume:
+        saved = checkpoint.read_progress(run_dir / checkpoint.STATE_FILE)
+        phase = phase_of(config, max(0, saved.epochs_done - (0 if saved.batches_done else 1)))
+        compile_for_phase(model, config, phase)
         resumed = checkpoint.load_state(model, run_dir / checkpoint.STATE_FILE)
         epochs_done = resumed.epochs_done
         history = [r for r in read_history(run_dir / "history.csv") if r["epoch"] <= epochs_done]
@@ -129,16 +135,20 @@ def train(
                 "the saved state has done; the run cannot be resumed exactly"
             )
         needed = epochs_done + (1 if resumed.batches_done else 0)
-        if needed > config.train.epochs:
+        if needed > epochs:
+            key = runs.extendable_key(config)
+            # The key counts the last phase's epochs only (a pretrained model's fine-tuning).
+            least = needed - (epochs - _get(config, key))
             raise ConfigError(
-                f"--resume {run_dir}: the run is already in epoch {needed}, past "
-                f"train.epochs={config.train.epochs}; give --set train.epochs={needed} or more"
+                f"--resume {run_dir}: the run is already in epoch {needed}, past its "
+                f"{epochs} epochs; give --set {'.'.join(key)}={least} or more"
             )
         # All epochs done but killed before the final files: fit runs no epoch
         # and the run is finished below.
         where = f", batch {resumed.batches_done}" if resumed.batches_done else ""
-        report(f"resuming after epoch {epochs_done}{where} of {config.train.epochs}")
+        report(f"resuming after epoch {epochs_done}{where} of {epochs}")
     else:
+        compile_for_phase(model, config, phase)
         runs.claim_run_dir(run_dir)
     lock = runs.lock_run_dir(run_dir)
     try:
@@ -152,22 +162,28 @@ def train(
         skip = resumed.batches_done if resumed else 0
         # A mid-epoch resume fits the rest of that epoch first, as its own fit call
         # with its own shorter pass over the data, then the remaining epochs.
-        phases = [(epochs_done, epochs_done + 1, skip), (epochs_done + 1, config.train.epochs, 0)]
+        segments = [(epochs_done, epochs_done + 1, skip), (epochs_done + 1, epochs, 0)]
         if not skip:
-            phases = [(epochs_done, config.train.epochs, 0)]
+            segments = [(epochs_done, epochs, 0)]
+        # A pretrained model's fine-tuning starts a new fit after train.epochs.
+        segments = _split_at(segments, config.train.epochs)
         if stopper is not None and history:
             # Replay the finished epochs now: if early stopping had already fired
             # (killed just after that epoch's save), the run is finished, not resumed.
             stopper.set_model(model)
             stopper.on_train_begin()
             if model.stop_training:
-                phases = []
+                segments = []
         started_at = dt.datetime.now(dt.timezone.utc)
         try:
             with runtime.quiet_tensorflow(), signals.handled():
-                for first, last, skipped in phases:
+                for first, last, skipped in segments:
                     if first >= last or model.stop_training:
                         continue
+                    if phase_of(config, first) != phase:
+                        phase = phase_of(config, first)
+                        compile_for_phase(model, config, phase)
+                        report(_fine_tune_line(config, model))
                     batches = TrainingBatches(
                         images[:fitted],
                         labels[:fitted],
@@ -218,7 +234,7 @@ def train(
             raise RunDirError(f"cannot write to {run_dir}: {err.strerror or err}") from None
         except tf.errors.OpError as err:
             raise TrainingError.from_op_error(
-                err, "if it ran out of memory, lower train.batch_size or model.units"
+                err, "if it ran out of memory, lower train.batch_size or the model's size"
             ) from None
 
         rows = epoch_log.rows
@@ -315,7 +331,7 @@ def _callbacks(
         "log": EpochLog(run_dir / "history.csv", history),
         # Given to fit explicitly so that it ends the epoch's bar before the summary.
         "bar": keras.callbacks.ProgbarLogger() if progress_bar else None,
-        "summary": EpochSummary(report, config.train.epochs),
+        "summary": EpochSummary(report, total_epochs(config)),
         "tensorboard": keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))
         if config.logging.tensorboard
         else None,
@@ -332,3 +348,37 @@ def _callbacks(
         ),
     }
     return {name: cb for name, cb in callbacks.items() if cb is not None}
+
+
+def _split_at(segments: list[tuple[int, int, int]], epoch: int) -> list[tuple[int, int, int]]:
+    """Split (first, last, skip) epoch ranges so that none crosses `epoch`."""
+    out = []
+    for first, last, skip in segments:
+        if first < epoch < last:
+            out += [(first, epoch, skip), (epoch, last, 0)]
+        else:
+            out.append((first, last, skip))
+    return out
+
+
+def _fine_tune_line(config: Config, model) -> str:
+    from mnist_mlp.model import backbone_of
+
+    backbone = backbone_of(model)
+    trainable = sum(1 for layer in backbone.layers if layer.trainable and layer.weights)
+    return (
+        f"fine-tuning from epoch {config.train.epochs + 1}: {trainable} layers of "
+        f"{config.model.backbone} unfrozen, {_trainable_parameters(model):,} "
+        f"trainable parameters, learning rate {config.model.fine_tune.learning_rate:g}"
+    )
+
+
+def _trainable_parameters(model) -> int:
+    return int(sum(math.prod(v.shape) for v in model.trainable_variables))
+
+
+def _get(config: Config, key: tuple[str, ...]):
+    value = config
+    for part in key:
+        value = getattr(value, part)
+    return value
