@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mnist_mlp import export, runtime
-from mnist_mlp.config import ModelConfig, TrainConfig
+from mnist_mlp.config import MlpConfig, TrainConfig
 from mnist_mlp.errors import CheckpointError
 from mnist_mlp.export import ExportError, ExportVerificationError, export_model, sample_inputs
 from mnist_mlp.model import build_model, compile_model
@@ -36,7 +36,7 @@ def keras():
 def checkpoint(keras, tmp_path_factory) -> Path:
     """A small trained model: weights moved away from their initial values."""
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(units=64))
+    model = build_model(MlpConfig(units=64))
     compile_model(model, TrainConfig(learning_rate=0.01))
     rng = np.random.default_rng(1)
     x = rng.random((512, 784), dtype=np.float32)

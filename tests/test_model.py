@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mnist_mlp import runtime
-from mnist_mlp.config import ModelConfig, TrainConfig
+from mnist_mlp.config import MlpConfig, TrainConfig
 from mnist_mlp.model import build_model, compile_model
 
 
@@ -19,7 +19,7 @@ def keras():
 
 
 def test_layers_in_the_tutorials_order(keras):
-    model = build_model(ModelConfig())
+    model = build_model(MlpConfig())
     kinds = [
         (
             type(layer).__name__,
@@ -42,21 +42,21 @@ def test_layers_in_the_tutorials_order(keras):
 
 
 def test_parameter_count_and_shapes(keras):
-    model = build_model(ModelConfig())
+    model = build_model(MlpConfig())
     assert model.count_params() == 623_290
     assert model.input_shape == (None, 784)
     assert model.output_shape == (None, 10)
 
 
 def test_units_and_dropout_rate_come_from_the_config(keras):
-    model = build_model(ModelConfig(units=32, dropout_rate=0.25))
+    model = build_model(MlpConfig(units=32, dropout_rate=0.25))
     assert model.count_params() == 784 * 32 + 32 + 32 * 10 + 10
     assert model.layers[1].rate == pytest.approx(0.25)
 
 
 def test_outputs_are_probabilities_and_dropout_only_acts_in_training(keras):
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig())
+    model = build_model(MlpConfig())
     x = np.random.default_rng(0).random((512, 784), dtype=np.float32)
     probabilities = model.predict(x, verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
@@ -75,7 +75,7 @@ def test_outputs_are_probabilities_and_dropout_only_acts_in_training(keras):
 
 
 def test_compile_uses_adam_with_the_configured_rate(keras):
-    model = build_model(ModelConfig())
+    model = build_model(MlpConfig())
     compile_model(model, TrainConfig(learning_rate=0.003))
     assert type(model.optimizer).__name__ == "Adam"
     assert float(model.optimizer.learning_rate) == pytest.approx(0.003)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mnist_mlp import runtime
-from mnist_mlp.config import ModelConfig, TrainConfig
+from mnist_mlp.config import MlpConfig, TrainConfig
 from mnist_mlp.data import preprocess
 from mnist_mlp.errors import CheckpointError
 from mnist_mlp.evaluate import EVAL_BATCH_SIZE
@@ -339,7 +339,7 @@ def untrained(keras, tmp_path_factory):
     from mnist_mlp.model import build_model
 
     keras.utils.set_random_seed(3)
-    model = build_model(ModelConfig(units=16))
+    model = build_model(MlpConfig(units=16))
     path = tmp_path_factory.mktemp("untrained") / "model.keras"
     model.save(path)
     return model, path
@@ -352,7 +352,7 @@ def trained(keras, t10k, tmp_path_factory):
 
     x, y = t10k
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(units=128))
+    model = build_model(MlpConfig(units=128))
     compile_model(model, TrainConfig())
     features, targets = preprocess(x[1000:], y[1000:])
     model.fit(features, targets, epochs=3, batch_size=128, verbose=0)
