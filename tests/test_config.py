@@ -134,11 +134,29 @@ def test_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
         ("data.path=''", ["data.path", "path"]),
         ("seed=-1", ["seed", "-1"]),
         ("model=5", ["model", "got 5", "section"]),
+        ("model.type=transformer", ["model.type", "'transformer'", "mlp, cnn, rnn, pretrained"]),
+        ("model.type=[1]", ["model.type", "[1]", "should be one of"]),
+        ("model.type=cnn;model.filters=[0]", ["model.filters", "integers 1 .. 4096"]),
+        ("model.type=cnn;model.kernel_size=29", ["model.kernel_size", "less than or equal to 28"]),
+        (
+            "model.type=cnn;model.filters=[8, 8, 8, 8];model.kernel_size=3",
+            ["model.filters has 4 blocks", "block 4 gets a 28x28 digit down to nothing"],
+        ),
+        ("model.type=rnn;model.cell=transformer", ["model.cell", "'lstm' or 'gru'"]),
+        ("model.type=pretrained;model.backbone=resnet18", ["model.backbone", "'resnet18'"]),
+        ("model.type=pretrained;model.weights=w.txt", ["model.weights", "imagenet, none"]),
+        ("model.type=pretrained;model.image_size=16", ["model.image_size", "32"]),
+        ("model.type=pretrained;model.fine_tune.epochs=-1", ["model.fine_tune.epochs", "-1"]),
+        ("model.type=pretrained;model.fine_tune=3", ["model.fine_tune", "section"]),
+        (
+            "model.type=cnn;model.units=64",
+            ["unknown key 'model.units' for model.type cnn", "belongs to model.type mlp and rnn"],
+        ),
     ],
 )
 def test_bad_values_name_the_key_value_and_what_is_allowed(override, fragments):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split(";"))
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -174,6 +192,9 @@ def test_unknown_keys_in_files_are_rejected_with_a_suggestion(tmp_path, text, fr
         ("train.epochs=[1", ["malformed YAML"]),
         ("data.path=", ["empty value", "data.path=null"]),
         ("data.path=  ", ["empty value"]),
+        ("model.filtres=[8]", ["unknown key 'model.filtres'", "did you mean 'model.filters'"]),
+        ("model.cnn.filters=[8]", ["'model.cnn'", "chosen by model.type", "model.filters"]),
+        ("model.fine_tune.lr=1", ["'model.fine_tune.lr'", "model.fine_tune.learning_rate"]),
     ],
 )
 def test_bad_set_syntax_and_unknown_set_keys(override, fragments):
@@ -306,6 +327,9 @@ def test_errors_are_blamed_on_the_file_or_the_set_that_caused_them(tmp_path):
         load_config(path, ["model.units=32"])
     with pytest.raises(ConfigError, match=r"^--set: model.units: got 0"):
         load_config(path, ["model.units=0", "train.epochs=3"])
+    # A --set inside a section the file's model kind does not have: the --set's fault.
+    with pytest.raises(ConfigError, match=r"^--set: unknown key 'model.fine_tune' for model.type"):
+        load_config(CONFIGS / "cnn.yaml", ["model.fine_tune.epochs=1"])
 
 
 def test_early_stopping_may_restore_only_what_best_keras_keeps():

@@ -130,6 +130,10 @@ class FineTuneConfig(_Section):
     # statistics included. false: they stay frozen, in inference mode, as Keras
     # advises for pretrained weights. null: true for weights: none only.
     train_batch_norm: bool | None = None
+    # Momentum of the moving statistics of the BatchNormalization layers that
+    # train; null: the backbone's own (0.999 for mobilenet_v2, made for long
+    # ImageNet runs: from random weights, a few epochs leave them far behind).
+    batch_norm_momentum: float | None = Field(None, ge=0.0, lt=1.0)
 
 
 class PretrainedConfig(_Section):
@@ -425,7 +429,12 @@ def validate(
         keys = _resolve(tuple(str(p) for p in first["loc"]))[0]
         if first["type"] == "union_tag_invalid":
             keys += ("type",)
-        origin = "--set" if keys in set(overridden) else source
+        # A key set by --set, or inside or around one (model.fine_tune for
+        # model.fine_tune.epochs): the override is what made the error.
+        caused = bool(keys) and any(
+            keys[: len(o)] == o or o[: len(keys)] == keys for o in overridden
+        )
+        origin = "--set" if caused else source
         prefix = f"{origin}: " if origin else ""
         raise ConfigError(f"{prefix}{_describe(first)}{more}") from None
 
@@ -477,78 +486,97 @@ def _members(annotation: Any) -> dict[str | None, type[BaseModel]]:
     return found
 
 
-def _resolve(loc: tuple[str, ...]) -> tuple[tuple[str, ...], list[type[BaseModel]], str | None]:
-    """Walk an error location or key path through the schema.
+def _resolve(
+    loc: tuple[str, ...],
+) -> tuple[tuple[str, ...], list[type[BaseModel]], str | None, tuple[str, ...]]:
+    """Walk a pydantic error location through the schema.
 
     Returns:
         The key path without union tags (pydantic puts `cnn` in
-        `model.cnn.filters`), the sections that may own its last key (every
-        kind of a union unless the location names one), and the tagged kind
-        chosen on the way (e.g. "cnn"), if any.
+        `model.cnn.filters`), the sections that own its last key, the tagged
+        kind chosen on the way (e.g. "cnn"), if any, and the key path of the
+        section it was chosen for (("model",)).
     """
     sections: list[type[BaseModel]] = [Config]
     keys: list[str] = []
-    kind = None
+    kind, kind_at = None, ()
     parts = list(loc)
     while parts:
         part = parts.pop(0)
         keys.append(part)
         if not parts:
             break
-        fields = [s.model_fields[part] for s in sections if part in s.model_fields]
         members: dict[str | None, type[BaseModel]] = {}
-        for field in fields:
-            members |= _members(field.annotation)
-        if parts[0] in members and parts[0] is not None and None not in members:
-            kind = parts.pop(0)
+        for section in sections:
+            if part in section.model_fields:
+                members |= _members(section.model_fields[part].annotation)
+        if parts[0] in members and None not in members:
+            kind, kind_at = parts.pop(0), tuple(keys)
             sections = [members[kind]]
-            if not parts:  # the location is the section itself
-                break
         else:
             sections = list(dict.fromkeys(members.values()))
-        if not sections:
+        if not parts or not sections:
             keys += parts
             break
-    return tuple(keys), sections, kind
+    return tuple(keys), sections, kind, kind_at
 
 
-def _unknown_key_message(parts: tuple[str, ...]) -> str:
-    keys, sections, kind = _resolve(parts)
+def _unknown_key_message(
+    keys: tuple[str, ...],
+    sections: list[type[BaseModel]],
+    kind: str | None = None,
+    kind_at: tuple[str, ...] = (),
+) -> str:
+    """Say that `keys[-1]` is not a key of `sections`, with the nearest valid one."""
     name = ".".join(keys)
-    if not sections or len(keys) != len(parts) - (1 if kind else 0):
-        parent = ".".join(keys[:-1])
-        return f"unknown key {name!r}: {parent!r} is a value, not a section"
-    valid = list(dict.fromkeys(k for s in sections for k in s.model_fields))
-    close = difflib.get_close_matches(keys[-1], valid, n=1, cutoff=0.6)
     prefix = ".".join(keys[:-1] + ("",))
-    where = f" for {prefix}type {kind}" if kind else ""
+    if keys[:-1] == ("model",) and keys[-1] in MODEL_TYPES:
+        fields = ", ".join("model." + k for k in MODEL_TYPES[keys[-1]].model_fields)
+        return (
+            f"unknown key {name!r}: the kind is chosen by model.type; write "
+            f"model.type: {keys[-1]} and its keys directly under model ({fields})"
+        )
+    valid = list(dict.fromkeys(k for section in sections for k in section.model_fields))
+    close = difflib.get_close_matches(keys[-1], valid, n=1, cutoff=0.6)
+    where = f" for {'.'.join(kind_at)}.type {kind}" if kind and keys[:-1] == kind_at else ""
     hint = (
         f"did you mean {prefix + close[0]!r}?"
         if close
         else f"valid keys{where or ' here'}: " + ", ".join(prefix + k for k in valid)
     )
-    elsewhere = [
-        tag
-        for tag, cls in MODEL_TYPES.items()
-        if kind and tag != kind and keys[-1] in cls.model_fields
-    ]
-    if elsewhere:  # e.g. model.units left in a file when --set model.type=cnn
-        hint += f" ({name} belongs to model.type {' and '.join(elsewhere)})"
+    if kind and keys[:-1] == kind_at:  # e.g. model.units left in a file with --set model.type=cnn
+        elsewhere = [
+            tag for tag, cls in MODEL_TYPES.items() if tag != kind and keys[-1] in cls.model_fields
+        ]
+        if elsewhere:
+            hint += f" ({name} belongs to model.type {' and '.join(elsewhere)})"
     return f"unknown key {name!r}{where}; {hint}"
 
 
 def _check_key_path(parts: tuple[str, ...], origin: str) -> None:
-    # Checked against every model kind: the kind itself is known only after merging.
-    keys, sections, _ = _resolve(parts)
-    if len(keys) != len(parts) or not any(parts[-1] in s.model_fields for s in sections):
-        raise ConfigError(f"{origin}: {_unknown_key_message(parts)}")
+    """Refuse a --set key that no config can have (checked against every model kind:
+    which one applies is known only after merging)."""
+    sections: list[type[BaseModel]] = [Config]
+    for depth, part in enumerate(parts):
+        fields = [s.model_fields[part] for s in sections if part in s.model_fields]
+        if not fields:
+            raise ConfigError(f"{origin}: {_unknown_key_message(parts[: depth + 1], sections)}")
+        members: dict[str | None, type[BaseModel]] = {}
+        for field in fields:
+            members |= _members(field.annotation)
+        if depth < len(parts) - 1 and not members:
+            raise ConfigError(
+                f"{origin}: unknown key {'.'.join(parts)!r}: "
+                f"{'.'.join(parts[: depth + 1])!r} is a value, not a section"
+            )
+        sections = list(dict.fromkeys(members.values()))
 
 
 def _describe(error: Mapping[str, Any]) -> str:
     parts = tuple(str(p) for p in error["loc"])
+    keys, sections, kind, kind_at = _resolve(parts)
     if error["type"] == "extra_forbidden":
-        return _unknown_key_message(parts)
-    keys, _, _ = _resolve(parts)
+        return _unknown_key_message(keys, sections, kind, kind_at)
     if error["type"] == "union_tag_invalid":  # model.type names no kind
         kinds = ", ".join(MODEL_TYPES)
         value = error["input"].get("type")

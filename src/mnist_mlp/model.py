@@ -40,18 +40,25 @@ MIN_IMAGE_SIZE = 32
 Phase = Literal["head", "fine_tune"]
 
 
-def build_model(config: ModelConfig):
+def build_model(config: ModelConfig, load_weights: bool = True):
     """The network of `config.type`, uncompiled; (N, 784) in, (N, 10) probabilities out.
 
     With the defaults: mlp 623,290 parameters, cnn 34,826, rnn (LSTM) 81,674.
     A pretrained model comes with its backbone frozen (the head phase).
 
+    Args:
+        config: the `model` section.
+        load_weights: False skips a pretrained backbone's `model.weights` (a
+            resume sets every variable from its saved state instead, so the
+            weights file or download is not needed again).
+
     Raises:
         ConfigError: the pretrained weights cannot be had, or fine_tune.layers
             is more than the backbone has.
     """
-    builders = {"mlp": _mlp, "cnn": _cnn, "rnn": _rnn, "pretrained": _pretrained}
-    return builders[config.type](config)
+    if config.type == "pretrained":
+        return _pretrained(config, load_weights)
+    return {"mlp": _mlp, "cnn": _cnn, "rnn": _rnn}[config.type](config)
 
 
 def _mlp(config: MlpConfig):
@@ -130,12 +137,12 @@ def image_size(config: PretrainedConfig) -> int:
     return config.image_size or MIN_IMAGE_SIZE
 
 
-def _pretrained(config: PretrainedConfig):
+def _pretrained(config: PretrainedConfig, load_weights: bool):
     import keras
     from keras import layers
 
     size = image_size(config)
-    backbone = _backbone(config, size)
+    backbone = _backbone(config, size, load_weights)
     inputs = keras.Input(shape=(INPUT_DIM,), name="pixels")
     x = layers.Reshape((*IMAGE_SHAPE, 1), name="image")(inputs)
     x = layers.Resizing(size, size, name="resize")(x)
@@ -178,11 +185,11 @@ def preprocess_layers(backbone: str):
     return keras.Sequential(steps, name=f"{backbone}_preprocess")
 
 
-def _backbone(config: PretrainedConfig, size: int):
+def _backbone(config: PretrainedConfig, size: int, load_weights: bool):
     import keras
 
     constructor = getattr(keras.applications, BACKBONES[config.backbone][0])
-    weights = config.weights
+    weights = config.weights if load_weights else "none"
     shape = (size, size, 3)
     if weights == "imagenet":
         try:
@@ -280,6 +287,9 @@ def set_phase(model, config: ModelConfig, phase: Phase) -> None:
         unfrozen = index >= len(layers) - count
         batch_norm = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = unfrozen and (train_batch_norm or not batch_norm)
+        momentum = config.fine_tune.batch_norm_momentum
+        if batch_norm and layer.trainable and momentum is not None:
+            layer.momentum = momentum
 
 
 def phase_of(config, epoch: int) -> Phase:

@@ -19,9 +19,10 @@ def extendable_key(config: Config) -> tuple[str, ...]:
 
     Anything else would make the resumed run a different experiment from the
     one its first epochs belong to. A pretrained model's train.epochs is where
-    its fine-tuning starts, so only model.fine_tune.epochs may grow there.
+    its fine-tuning starts, so only model.fine_tune.epochs may grow there
+    (unless it has no fine-tuning phase).
     """
-    if config.model.type == "pretrained":
+    if config.model.type == "pretrained" and config.model.fine_tune.epochs:
         return ("model", "fine_tune", "epochs")
     return ("train", "epochs")
 

@@ -110,7 +110,7 @@ def train(
     # Global in Keras: set for building this model only (its layers keep it).
     keras.mixed_precision.set_dtype_policy(policy)
     try:
-        model = build_model(config.model)
+        model = build_model(config.model, load_weights=not resume)
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
     report(f"model: {config.model.type}, {model.count_params():,} parameters ({policy})")
@@ -365,11 +365,14 @@ def _fine_tune_line(config: Config, model) -> str:
     from mnist_mlp.model import backbone_of
 
     backbone = backbone_of(model)
-    trainable = sum(1 for layer in backbone.layers if layer.trainable and layer.weights)
+    layers = len(backbone.layers) - 1  # without its InputLayer
+    count = config.model.fine_tune.layers or layers
+    trained = sum(1 for layer in backbone.layers if layer.trainable and layer.weights)
     return (
-        f"fine-tuning from epoch {config.train.epochs + 1}: {trainable} layers of "
-        f"{config.model.backbone} unfrozen, {_trainable_parameters(model):,} "
-        f"trainable parameters, learning rate {config.model.fine_tune.learning_rate:g}"
+        f"fine-tuning from epoch {config.train.epochs + 1}: the top {count} of {layers} layers "
+        f"of {config.model.backbone} unfrozen ({trained} with weights that train), "
+        f"{_trainable_parameters(model):,} trainable parameters, learning rate "
+        f"{config.model.fine_tune.learning_rate:g}"
     )
 
 
