@@ -99,6 +99,10 @@ def train(
 ) -> None:
     """Train the network and write a run directory.
 
+    model.type chooses the network: mlp (the tutorial's, the default), cnn,
+    rnn, or pretrained (a keras.applications backbone, fine-tuned in two
+    phases); configs/cnn.yaml, rnn.yaml and pretrained.yaml show their keys.
+
     The run directory holds model.keras (final model), best.keras (best epoch
     by checkpoint.monitor), config.yaml (the resolved config), history.csv (one
     row per epoch), curves.png (loss and accuracy per epoch), metrics.json
