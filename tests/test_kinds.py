@@ -156,6 +156,12 @@ def test_freezing_schedule_of_the_two_phases(keras):
     set_phase(model, config, "fine_tune")
     assert _trainable_layers(model) == [layer.name for layer in layers[-10:]]
     assert any(is_bn[name] for name in _trainable_layers(model))
+    # Called without `training` (serving, export), trainable BatchNormalization
+    # layers still use their moving statistics, as with training=False.
+    x = np.random.default_rng(0).random((8, 784), dtype=np.float32)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model(x)), keras.ops.convert_to_numpy(model(x, training=False))
+    )
     # Their statistics' momentum is the backbone's own unless batch_norm_momentum says.
     momentum = config.model_copy(
         update={"fine_tune": config.fine_tune.model_copy(update={"batch_norm_momentum": 0.99})}
@@ -302,6 +308,29 @@ def test_cnn_and_rnn_train_evaluate_and_predict_from_their_checkpoints(
         model = keras.saving.load_model(kind_runs[kind] / "model.keras")
         expected = model.predict(digits.reshape(20, 784) / 255.0, verbose=0).argmax(axis=1)
         assert [p["digit"] for p in json.loads(predicted.stdout)["predictions"]] == list(expected)
+
+
+@needs_t10k
+def test_rnn_exports_where_its_ops_exist_and_says_so_where_not(kind_runs, run_cli, tmp_path):
+    checkpoint = kind_runs["rnn"] / "model.keras"
+    result = run_cli(
+        "export", "--checkpoint", checkpoint, "--format", "savedmodel", "--output", tmp_path / "sm"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "checked with tf.saved_model on 100 inputs" in result.stdout
+    # The LSTM's loop needs TensorFlow's Flex ops in a tflite file, which the
+    # built-in interpreter lacks: one line, and no file left that would not run.
+    failed = run_cli(
+        "export",
+        "--checkpoint",
+        checkpoint,
+        "--format",
+        "tflite",
+        "--output",
+        tmp_path / "m.tflite",
+    )
+    assert_one_line_error(failed, "does not run in", "another format", code=1)
+    assert not (tmp_path / "m.tflite").exists()
 
 
 @pytest.fixture(scope="module")

@@ -216,7 +216,19 @@ def _export_checked(
         staged = staging / _STAGED_NAMES[fmt]
         with _captured_output() if quiet else contextlib.nullcontext():
             model.export(str(staged), format=KERAS_FORMATS[fmt], verbose=False)
-            actual = None if x is None else run_exported(fmt, staged, x)
+            try:
+                actual = None if x is None else run_exported(fmt, staged, x)
+            except (RuntimeError, ValueError) as err:
+                # e.g. a GRU's tflite file needs TensorFlow's Flex ops, which the
+                # built-in interpreter lacks: the file would not run where tflite runs.
+                first = (str(err).splitlines() or [""])[0].split(". ")[0][:200]
+                failure = ExportError(
+                    f"the exported {fmt} model does not run in {verification_runtime(fmt)} "
+                    f"({first}); nothing was written to {output}; export this model in "
+                    "another format"
+                )
+                failure.exit_code = 1
+                raise failure from None
         diff = None if actual is None else _max_abs_diff(expected, actual)
         if diff is not None and not diff <= TOLERANCE:  # `not <=`: a NaN fails too
             raise ExportVerificationError(

@@ -145,7 +145,12 @@ def _pretrained(config: PretrainedConfig, load_weights: bool):
     backbone = _backbone(config, size, load_weights)
     inputs = keras.Input(shape=(INPUT_DIM,), name="pixels")
     x = layers.Reshape((*IMAGE_SHAPE, 1), name="image")(inputs)
-    x = layers.Resizing(size, size, name="resize")(x)
+    # training=False recorded here on purpose: Resizing's own default is True (it
+    # shares the base of the random augmentation layers), and a functional model
+    # called without `training` (serving, export, model(x)) would pass that on to
+    # the BatchNormalization layers after it, which would then use batch
+    # statistics. fit and evaluate pass `training` explicitly, which overrides it.
+    x = layers.Resizing(size, size, name="resize")(x, training=False)
     # Grey to RGB: the same plane in all three channels.
     x = layers.Concatenate(name="rgb")([x, x, x])
     x = preprocess_layers(config.backbone)(x)
