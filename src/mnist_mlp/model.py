@@ -218,10 +218,11 @@ def _backbone(config: PretrainedConfig, size: int, load_weights: bool):
         if weights != "none":
             _load_backbone_weights(backbone, config, weights)
     backbone.name = "backbone"
-    if config.fine_tune.layers is not None and config.fine_tune.layers > len(_layers(backbone)):
+    count = len(backbone_layers(backbone))
+    if config.fine_tune.layers is not None and config.fine_tune.layers > count:
         raise ConfigError(
             f"model.fine_tune.layers: got {config.fine_tune.layers}, but {config.backbone} has "
-            f"{len(_layers(backbone))} layers; give at most that, or null for all of them"
+            f"{count} layers; give at most that, or null for all of them"
         )
     return backbone
 
@@ -255,8 +256,8 @@ def backbone_of(model):
     return model.get_layer("backbone")
 
 
-def _layers(backbone) -> list:
-    # The InputLayer is not one of the layers a user counts or unfreezes.
+def backbone_layers(backbone) -> list:
+    """The layers of a backbone a user counts and unfreezes: all but its InputLayer."""
     import keras
 
     return [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
@@ -279,7 +280,7 @@ def set_phase(model, config: ModelConfig, phase: Phase) -> None:
     import keras
 
     backbone = backbone_of(model)
-    layers = _layers(backbone)
+    layers = backbone_layers(backbone)
     if phase == "head":
         backbone.trainable = False
         return

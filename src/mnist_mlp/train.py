@@ -362,10 +362,10 @@ def _split_at(segments: list[tuple[int, int, int]], epoch: int) -> list[tuple[in
 
 
 def _fine_tune_line(config: Config, model) -> str:
-    from mnist_mlp.model import backbone_of
+    from mnist_mlp.model import backbone_layers, backbone_of
 
     backbone = backbone_of(model)
-    layers = len(backbone.layers) - 1  # without its InputLayer
+    layers = len(backbone_layers(backbone))
     count = config.model.fine_tune.layers or layers
     trained = sum(1 for layer in backbone.layers if layer.trainable and layer.weights)
     return (
